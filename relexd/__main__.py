@@ -1,0 +1,3 @@
+from relexd.cli import app
+
+app()
