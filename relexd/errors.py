@@ -20,6 +20,7 @@ REASONS = (
     "shape_mismatch",  # shape differs from the base
     "dtype_mismatch",  # dtype differs from the base
     "non_finite",  # NaN or Inf in a tensor
+    "tie_broken",  # a tensor tied to another in the base (lm_head ↔ embedding) differs from it
     "rotated",  # file deleted while being read (trainer rotation, not corruption)
     "permission",  # permission denied
     "out_of_order",  # step not newer than the last ingested one

@@ -1,0 +1,64 @@
+"""What the engine computes: estimator, sketch rank, fit window, forecast horizons."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from relexd.errors import ConfigError
+from relexd.math.sketch import ESTIMATORS, OJA_DEFAULT_ETA
+
+#: Default sketch rank of Brand's estimator; bench/README.md ("Accuracy") has the measurements
+#: behind it: rank 2 already meets |cos| ≥ 0.999 to the batch direction at batch energy ≥ 0.9 while
+#: costing a quarter of rank 8's state and sketch writes.
+DEFAULT_RANK = 2
+
+ANCHOR_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    estimator: str = "brand"
+    rank: int = DEFAULT_RANK
+    window: int | None = None
+    horizons: tuple[float, ...] = (2.0,)
+    anchor_dtype: str = "bfloat16"
+    oja_eta: float = OJA_DEFAULT_ETA
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {self.estimator!r}")
+        if self.rank < 1:
+            raise ConfigError(f"sketch rank must be ≥ 1, not {self.rank}")
+        if self.window is not None and self.window < 2:
+            raise ConfigError(f"fit window must be ≥ 2 checkpoints, not {self.window}")
+        if not self.horizons or any(h <= 1.0 for h in self.horizons):
+            raise ConfigError(f"forecast horizons must be > 1 (e.g. 2), not {list(self.horizons)}")
+        if self.anchor_dtype not in ANCHOR_DTYPES:
+            raise ConfigError(f"anchor dtype must be one of {', '.join(ANCHOR_DTYPES)}")
+
+    @property
+    def width(self) -> int:
+        """Columns of the per-tensor state array: k for Brand's sketch, one vector for Oja."""
+        return self.rank if self.estimator == "brand" else 1
+
+    @property
+    def anchor_torch_dtype(self) -> torch.dtype:
+        return ANCHOR_DTYPES[self.anchor_dtype]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["horizons"] = list(self.horizons)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
+        d = dict(d)
+        d["horizons"] = tuple(d.get("horizons", (2.0,)))
+        return cls(**d)
+
+    def structural(self) -> tuple[str, int]:
+        """What cannot change over a state's life (the stored arrays depend on it)."""
+        return (self.estimator, self.width)

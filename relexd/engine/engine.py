@@ -1,0 +1,110 @@
+"""The engine facade: a state directory, a base model, and the two verbs ingest and preview.
+
+The CLI's ``extrapolate`` and the daemon both drive this class; neither touches the state files
+directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from relexd.engine.base import BaseModel
+from relexd.engine.config import EngineConfig
+from relexd.engine.ingest import IngestReport, ingest
+from relexd.engine.preview import write_preview
+from relexd.errors import StateError
+from relexd.io.reader import open_weights
+from relexd.state.store import Snapshot, StateStore
+
+
+class Engine:
+    """Owns one state directory (exclusively, by lock) and the base model θ₀."""
+
+    def __init__(self, state_dir: Path, base_path: Path, config: EngineConfig) -> None:
+        self.state_dir = Path(state_dir)
+        self.config = config
+        self.store = StateStore(self.state_dir)
+        self.snapshot: Snapshot = self.store.open()
+        try:
+            self.base = BaseModel.load(Path(base_path))
+            self._check_state_matches()
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _check_state_matches(self) -> None:
+        fingerprint = self.base.fingerprint()
+        meta = self.snapshot.meta
+        if not meta:  # a fresh state: remember what it is built on
+            self.snapshot.meta = {
+                "base": {"path": str(self.base.path), "fingerprint": fingerprint},
+                "config": self.config.as_dict(),
+            }
+            return
+        stored = meta.get("base", {}).get("fingerprint")
+        if stored != fingerprint:
+            raise StateError(
+                f"{self.state_dir}: this state was built on a different base model "
+                f"({meta.get('base', {}).get('path')}) than {self.base.path} "
+                "(names, shapes, dtypes or content differ); use a new --state-dir for a new base"
+            )
+        old = EngineConfig.from_dict(meta["config"])
+        if old.structural() != self.config.structural():
+            raise StateError(
+                f"{self.state_dir}: this state uses estimator {old.estimator} with {old.width} "
+                f"column(s) per tensor; cannot continue it as {self.config.estimator} with "
+                f"{self.config.width}; use a new --state-dir"
+            )
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.snapshot.meta.get("steps", []))
+
+    def ingest(
+        self,
+        weights: Path,
+        step: int,
+        *,
+        source: Path | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_tensor: Callable[[str, int], None] | None = None,
+    ) -> IngestReport:
+        """Validate and fold one checkpoint in; on any error the state is unchanged."""
+        with open_weights(weights) as ckpt:
+            report = ingest(
+                self.store,
+                self.snapshot,
+                self.base,
+                ckpt,
+                step,
+                self.config,
+                source=source,
+                should_stop=should_stop,
+                on_tensor=on_tensor,
+            )
+        self.snapshot = report.snapshot
+        return report
+
+    def write_preview(self, target: int, out_dir: Path) -> Path:
+        return write_preview(self.snapshot, self.base, target, Path(out_dir))
+
+    def summary(self) -> dict[str, Any]:
+        meta = self.snapshot.meta
+        return {
+            "steps": meta.get("steps", []),
+            "figures": meta.get("figures", {}),
+            "forecasts": meta.get("forecasts", []),
+            "per_tensor": meta.get("per_tensor", {}),
+        }
+
+    def close(self) -> None:
+        self.base.close()
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,443 @@
+"""Ingest one checkpoint: stream its tensors through the estimators and commit a new generation.
+
+Memory: one tensor's delta x (float32) is held while its sketch is updated; the sketch, the base,
+the anchors and the checkpoint are read in row chunks of :data:`CHUNK_ELEMS` elements. Peak RSS is
+therefore about the largest tensor in float32 (plus its stored-dtype copy while it is read) plus a
+fixed overhead, whatever the model size.
+
+Nothing is visible until the commit: an error at any tensor (NaN, truncated file, rotation, disk
+full) aborts the new generation and leaves the published state exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relexd.engine.base import BaseModel
+from relexd.engine.config import EngineConfig
+from relexd.errors import CheckpointError, RelexdError
+from relexd.io.reader import WeightReader
+from relexd.io.safetensors_file import SafetensorsFile, StreamingSafetensorsWriter, dtype_code
+from relexd.math.confidence import (
+    ForecastSums,
+    TensorFigures,
+    anchors_to_keep,
+    choose_anchor,
+    horizon_label,
+    is_anchor_count,
+    model_figures,
+)
+from relexd.math.fit import fit_line
+from relexd.math.sketch import SmallState, make_update
+from relexd.state.store import AnchorFiles, Snapshot, StateStore, StateWriteError
+
+#: Elements per chunk: 16 MiB of float32; big enough for fast BLAS, small against any real tensor.
+CHUNK_ELEMS = 1 << 22
+
+#: Non-weight files copied from the newest checkpoint into previews (what a loader needs; never
+#: trainer internals such as optimizer or RNG state).
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
+AUX_MAX_BYTES = 64 << 20
+
+
+class Interrupted(RelexdError):
+    """The caller asked to stop; the half-done generation was abandoned."""
+
+
+@dataclass
+class IngestReport:
+    step: int
+    seconds: float
+    bytes_read: int
+    snapshot: Snapshot
+    figures: dict[str, float | None] = field(default_factory=dict)
+    forecasts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, chunk):
+        yield start, min(start + chunk, numel)
+
+
+def check_compatible(base: BaseModel, ckpt: WeightReader, meta: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not match the base before anything is read."""
+    names = set(ckpt.names())
+    expected = set(base.tracked) | set(base.frozen)
+    missing = sorted(expected - names)
+    if missing:
+        raise CheckpointError(
+            ckpt.path,
+            "missing_tensor",
+            f"tensor {missing[0]!r} of the base is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+        )
+    extra = sorted(names - expected - set(base.aliases))
+    if extra:
+        raise CheckpointError(ckpt.path, "unexpected_tensor", f"tensor {extra[0]!r} is not in the base")
+    known = meta.get("tensors", {})
+    for name in sorted(names):
+        info = ckpt.info(name)
+        base_name = base.aliases.get(name, name)
+        base_shape = tuple(base.reader.info(base_name).shape)
+        if tuple(info.shape) != base_shape:
+            raise CheckpointError(
+                info.file,
+                "shape_mismatch",
+                f"tensor {name!r} has shape {list(info.shape)}, the base has {list(base_shape)}",
+            )
+        seen = known.get(name, {}).get("dtype")
+        if seen is not None and seen != dtype_code(info.dtype):
+            raise CheckpointError(
+                info.file,
+                "dtype_mismatch",
+                f"tensor {name!r} is {dtype_code(info.dtype)}, earlier checkpoints stored {seen}",
+            )
+
+
+def read_delta(base: BaseModel, ckpt: WeightReader, name: str) -> torch.Tensor:
+    """x = θ_s − θ₀ for one tensor, flattened float32, checked finite."""
+    info = ckpt.info(name)
+    x = ckpt.read(name).reshape(-1).to(torch.float32)
+    for i, j in spans(x.numel(), CHUNK_ELEMS):
+        part = x[i:j]
+        if not torch.isfinite(part).all():
+            bad = int((~torch.isfinite(part)).nonzero()[0]) + i
+            raise CheckpointError(
+                info.file, "non_finite", f"tensor {name!r} holds NaN or Inf (first at element {bad})"
+            )
+        part -= base.reader.read_range(name, i, j).to(torch.float32)
+    return x
+
+
+def check_tie(base: BaseModel, ckpt: WeightReader, alias: str) -> None:
+    """A tied tensor saved alongside its source must equal it, else it is no tie."""
+    source = base.aliases[alias]
+    info = ckpt.info(alias)
+    for i, j in spans(info.numel, CHUNK_ELEMS):
+        if not torch.equal(ckpt.read_range(alias, i, j), ckpt.read_range(source, i, j)):
+            raise CheckpointError(
+                info.file,
+                "tie_broken",
+                f"tensor {alias!r} is tied to {source!r} in the base but differs here",
+            )
+
+
+def ingest(
+    store: StateStore,
+    snapshot: Snapshot,
+    base: BaseModel,
+    ckpt: WeightReader,
+    step: int,
+    config: EngineConfig,
+    *,
+    source: Path | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> IngestReport:
+    """Fold checkpoint ``ckpt`` (at ``step``) into the state; returns the committed snapshot."""
+    started = time.monotonic()
+    meta = snapshot.meta
+    steps: list[int] = list(meta.get("steps", []))
+    if steps and step <= steps[-1]:
+        raise CheckpointError(
+            source or ckpt.path,
+            "out_of_order",
+            f"step {step} is not newer than the last ingested step {steps[-1]}",
+        )
+    check_compatible(base, ckpt, meta)
+    for alias in base.aliases:
+        if alias in ckpt.names():
+            check_tie(base, ckpt, alias)
+
+    new_steps = [*steps, step]
+    observed = len(new_steps)
+    step_tensor = torch.tensor(new_steps, dtype=torch.float64)
+    anchor_recs: list[dict[str, Any]] = list(meta.get("anchors", []))
+    anchor_steps = [a["step"] for a in anchor_recs]
+    used = {h: choose_anchor(anchor_steps, step, h) for h in config.horizons}
+    used_anchors = {a: snapshot.anchor(a) for a in set(used.values()) if a is not None}
+    sums = {h: ForecastSums() for h, a in used.items() if a is not None}
+    make_anchor = is_anchor_count(observed)
+    width = config.width
+    names = base.tracked
+    numels = {n: base.reader.info(n).numel for n in names}
+
+    txn = store.begin(snapshot)
+    old_sketch = snapshot.sketch()
+    bytes_read = 0
+    try:
+        sketch = txn.sketch_writer({n: (torch.float32, (numels[n], width)) for n in names})
+        anchor_v = anchor_x = None
+        if make_anchor:
+            adt = config.anchor_torch_dtype
+            anchor_v = txn.anchor_writer(step, {f"v/{n}": (adt, (numels[n],)) for n in names}, "v")
+            anchor_x = txn.anchor_writer(step, {f"x/{n}": (adt, (numels[n],)) for n in names}, "x")
+        smalls: dict[str, SmallState] = {}
+        per_tensor: dict[str, dict[str, Any]] = {}
+        anchor_tensors: dict[str, list[float]] = {}
+        for name in names:
+            if should_stop():
+                raise Interrupted(f"stopped before tensor {name!r} of step {step}")
+            x = read_delta(base, ckpt, name)
+            bytes_read += ckpt.info(name).numel * ckpt.info(name).dtype.itemsize
+            bytes_read += numels[name] * base.reader.info(name).dtype.itemsize
+            small, rec, anchor_rec = _update_tensor(
+                name,
+                x,
+                snapshot.small(name),
+                old_sketch,
+                sketch,
+                anchor_v,
+                anchor_x,
+                used_anchors,
+                anchor_recs,
+                used,
+                sums,
+                step_tensor,
+                step,
+                config,
+            )
+            bytes_read += numels[name] * width * 4 * (2 if old_sketch is not None else 0)
+            smalls[name] = small
+            per_tensor[name] = rec
+            if anchor_rec is not None:
+                anchor_tensors[name] = anchor_rec
+            del x
+            if on_tensor is not None:
+                on_tensor(name, numels[name])
+
+        figures = model_figures(
+            TensorFigures(r["energy"], r["sigma1_sq"], r["r2"], r["drift"]) for r in per_tensor.values()
+        ).as_dict()
+        forecasts = []
+        for h, a in sorted(used.items()):
+            if a is None:
+                continue
+            s = sums[h]
+            forecasts.append(
+                {
+                    "horizon": horizon_label(h),
+                    "horizon_factor": h,
+                    "anchor_step": a,
+                    "step": step,
+                    "ratio": step / a,
+                    "error_ratio": s.error_ratio,
+                    "skill": s.skill,
+                    "e_relex": s.e_relex,
+                    "e_hold": s.e_hold,
+                    "e_norm": s.e_norm,
+                }
+            )
+        if make_anchor:
+            anchor_recs.append({"step": step, "observed": observed, "tensors": anchor_tensors})
+        keep = anchors_to_keep([a["step"] for a in anchor_recs], step, config.horizons)
+        anchor_recs = [a for a in anchor_recs if a["step"] in keep]
+
+        new_meta = _next_meta(
+            meta,
+            store,
+            base,
+            ckpt,
+            step,
+            source,
+            per_tensor,
+            figures,
+            forecasts,
+            anchor_recs,
+            config,
+            time.monotonic() - started,
+            bytes_read,
+        )
+        committed = txn.commit(smalls, new_meta)
+    except OSError as exc:
+        txn.abort()
+        raise StateWriteError(
+            f"{txn.path}: cannot write state ({exc.strerror or exc}); the previous state stays valid"
+        ) from exc
+    except BaseException:
+        txn.abort()
+        raise
+    finally:
+        if old_sketch is not None:
+            old_sketch.close()
+        for f in used_anchors.values():
+            f.close()
+    return IngestReport(step, time.monotonic() - started, bytes_read, committed, figures, forecasts)
+
+
+def _update_tensor(
+    name: str,
+    x: torch.Tensor,
+    small: SmallState,
+    old_sketch: SafetensorsFile | None,
+    sketch: StreamingSafetensorsWriter,
+    anchor_v: StreamingSafetensorsWriter | None,
+    anchor_x: StreamingSafetensorsWriter | None,
+    used_anchors: dict[int, AnchorFiles],
+    anchor_recs: list[dict[str, Any]],
+    used: dict[float, int | None],
+    sums: dict[float, ForecastSums],
+    step_tensor: torch.Tensor,
+    step: int,
+    config: EngineConfig,
+) -> tuple[SmallState, dict[str, Any], list[float] | None]:
+    """The three streaming passes of one tensor (see :mod:`relexd.math.sketch`)."""
+    width = config.width
+    numel = x.numel()
+    rows = max(1, CHUNK_ELEMS // width)
+
+    def old_rows(i: int, j: int) -> torch.Tensor:
+        if old_sketch is None:
+            return torch.zeros(j - i, width)
+        return old_sketch.read_range(name, i * width, j * width).reshape(j - i, width)
+
+    upd = make_update(config.estimator, small, width, config.oja_eta)
+    dots = {a: [0.0, 0.0] for a in used_anchors}  # x·v_a, x·x_a
+    for i, j in spans(numel, rows):
+        upd.accumulate(old_rows(i, j), x[i:j])
+        xc = x[i:j].to(torch.float64)
+        for a, f in used_anchors.items():
+            dots[a][0] += float(xc @ f.read_range(f"v/{name}", i, j).to(torch.float64))
+            dots[a][1] += float(xc @ f.read_range(f"x/{name}", i, j).to(torch.float64))
+    if upd.needs_residual_pass:
+        for i, j in spans(numel, rows):
+            upd.accumulate_residual(old_rows(i, j), x[i:j])
+    new_small = upd.plan()
+    fit = fit_line(step_tensor, new_small.coefficients, config.window)
+    xsq = upd.xsq
+
+    for h, a in used.items():
+        if a is None:
+            continue
+        rec = next(r for r in anchor_recs if r["step"] == a)["tensors"].get(name)
+        if rec is None:  # tensor frozen at the anchor: its prediction there was θ₀ (x_a = 0)
+            alpha = beta = v_sq = xa_sq = 0.0
+        else:
+            alpha, beta, v_sq, xa_sq = rec
+        sums[h].add_tensor(
+            xsq=xsq, x_dot_v=dots[a][0], v_sq=v_sq, x_dot_xa=dots[a][1], xa_sq=xa_sq, coef=alpha + beta * step
+        )
+
+    vv_old = vv_new = v_cross = 0.0
+    a_vsq = a_xsq = 0.0
+    adt = config.anchor_torch_dtype
+    for i, j in spans(numel, rows):
+        q_old = old_rows(i, j)
+        q_new = upd.new_rows(q_old, x[i:j])
+        sketch.append(name, q_new)
+        v_old64, v_new64 = q_old[:, 0].to(torch.float64), q_new[:, 0].to(torch.float64)
+        vv_old += float(v_old64 @ v_old64)
+        vv_new += float(v_new64 @ v_new64)
+        v_cross += float(v_old64 @ v_new64)
+        if anchor_v is not None and anchor_x is not None:
+            va, xa = q_new[:, 0].to(adt), x[i:j].to(adt)
+            anchor_v.append(f"v/{name}", va)
+            anchor_x.append(f"x/{name}", xa)
+            a_vsq += float(va.to(torch.float64) @ va.to(torch.float64))
+            a_xsq += float(xa.to(torch.float64) @ xa.to(torch.float64))
+
+    drift = None
+    if vv_old > 0.0 and vv_new > 0.0:
+        drift = max(0.0, 1.0 - abs(v_cross) / math.sqrt(vv_old * vv_new))
+    rec = {
+        "rank": new_small.rank,
+        "energy": new_small.energy,
+        "sigma1_sq": new_small.sigma1_sq,
+        "alpha": fit.alpha,
+        "beta": fit.beta,
+        "r2": fit.r2,
+        "drift": drift,
+        "last_coef": float(new_small.coefficients[-1]) if new_small.rank else 0.0,
+    }
+    anchor_rec = [fit.alpha, fit.beta, a_vsq, a_xsq] if anchor_v is not None else None
+    return new_small, rec, anchor_rec
+
+
+def _next_meta(
+    meta: dict[str, Any],
+    store: StateStore,
+    base: BaseModel,
+    ckpt: WeightReader,
+    step: int,
+    source: Path | None,
+    per_tensor: dict[str, dict[str, Any]],
+    figures: dict[str, float | None],
+    forecasts: list[dict[str, Any]],
+    anchors: list[dict[str, Any]],
+    config: EngineConfig,
+    seconds: float,
+    bytes_read: int,
+) -> dict[str, Any]:
+    """The meta.json of the next generation: everything but the big arrays."""
+    from relexd import __version__
+
+    aux = dict(meta.get("aux", {}))
+    weights_dir = ckpt.path if ckpt.path.is_dir() else None
+    if weights_dir is not None:
+        for fname in AUX_FILES:
+            path = weights_dir / fname
+            try:
+                if path.is_file() and path.stat().st_size <= AUX_MAX_BYTES:
+                    aux[fname] = store.put_aux(path)
+            except FileNotFoundError:
+                continue  # rotated between listing and copying: keep the previous copy
+    tensors = {
+        name: {"dtype": dtype_code(ckpt.info(name).dtype), "shape": list(ckpt.info(name).shape)}
+        for name in ckpt.names()
+    }
+    now = time.time()
+    history = list(meta.get("history", []))
+    history.append(
+        {
+            "step": step,
+            "time": now,
+            "seconds": seconds,
+            "bytes": bytes_read,
+            "figures": figures,
+            "forecasts": forecasts,
+            "source": str(source or ckpt.path),
+        }
+    )
+    return {
+        "relexd_version": __version__,
+        "config": config.as_dict(),
+        "base": {"path": str(base.path), "fingerprint": meta.get("base", {}).get("fingerprint")},
+        "steps": [*meta.get("steps", []), step],
+        "last_source": str(source or ckpt.path),
+        "last_time": now,
+        "tensors": tensors,
+        "layout": {
+            "format": ckpt.format,
+            "files": ckpt.shard_files(),
+            "sharded": ckpt.path.is_dir() and len(ckpt.shard_files()) > 1,
+        },
+        "per_tensor": per_tensor,
+        "figures": figures,
+        "forecasts": forecasts,
+        "anchors": anchors,
+        "aux": aux,
+        "history": history,
+        "created": meta.get("created", now),
+    }

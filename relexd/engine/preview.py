@@ -1,0 +1,147 @@
+"""Write a preview checkpoint θ̂_τ = θ₀ + (α + β·τ)·v as a Hugging Face-loadable directory.
+
+The preview mirrors the newest checkpoint's shard layout (same file names for safetensors; ``.bin``
+shards become ``model-…safetensors``), writes an index when the source had one, copies the loader's
+non-weight files (config, tokenizer) and a ``relexd-preview.json`` manifest. It is built in a hidden
+staging directory beside its final path and published by an atomic rename, so a reader never sees a
+half-written preview. Tensors are computed and written chunk by chunk (like mergekit's shard writer,
+but without holding a shard in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relexd import __version__
+from relexd.engine.base import BaseModel
+from relexd.engine.ingest import CHUNK_ELEMS, spans
+from relexd.io.atomic import publish_dir, remove_tree
+from relexd.io.safetensors_file import DTYPES, SafetensorsFile, StreamingSafetensorsWriter
+from relexd.state.store import Snapshot
+
+MANIFEST = "relexd-preview.json"
+
+
+def preview_name(target: int) -> str:
+    return f"step-{target}"
+
+
+def output_file_name(source_name: str) -> str:
+    """Source weight file name → preview file name (always safetensors)."""
+    if source_name.endswith(".safetensors"):
+        return source_name if source_name.startswith("model") else "model.safetensors"
+    if source_name == "pytorch_model.bin":
+        return "model.safetensors"
+    if source_name.startswith("pytorch_model-") and source_name.endswith(".bin"):
+        return "model-" + source_name[len("pytorch_model-") : -len(".bin")] + ".safetensors"
+    return Path(source_name).stem + ".safetensors"
+
+
+def predicted_coefficient(snapshot: Snapshot, name: str, target: int) -> float:
+    rec = snapshot.meta["per_tensor"][name]
+    return 0.0 if rec["rank"] == 0 else rec["alpha"] + rec["beta"] * target
+
+
+def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Path) -> Path:
+    """Compute and publish the preview for step ``target`` at ``out_dir/step-<target>``."""
+    meta = snapshot.meta
+    if not meta.get("steps"):
+        raise ValueError("no checkpoint observed yet: nothing to extrapolate from")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / preview_name(target)
+    staging = out_dir / f".tmp-{preview_name(target)}-{os.getpid()}"
+    remove_tree(staging)
+    staging.mkdir()
+    sketch = snapshot.sketch()
+    try:
+        width = meta["config"]["rank"] if meta["config"]["estimator"] == "brand" else 1
+        files = meta["layout"]["files"]
+        weight_map: dict[str, str] = {}
+        total = 0
+        for source_name, names in files.items():
+            out_name = output_file_name(source_name)
+            specs = {
+                n: (DTYPES[meta["tensors"][n]["dtype"]], tuple(meta["tensors"][n]["shape"])) for n in names
+            }
+            with StreamingSafetensorsWriter(staging / out_name, specs, {"format": "pt"}) as writer:
+                for name in names:
+                    dtype, _shape = specs[name]
+                    _write_tensor(writer, name, dtype, snapshot, sketch, base, target, width)
+                    weight_map[name] = out_name
+                    total += _nbytes(specs[name])
+        if meta["layout"].get("sharded"):
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for fname, digest in meta.get("aux", {}).items():
+            shutil.copyfile(snapshot.aux_path(digest), staging / fname)
+        (staging / MANIFEST).write_text(json.dumps(manifest(snapshot, target), indent=2) + "\n")
+        publish_dir(staging, final)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    finally:
+        if sketch is not None:
+            sketch.close()
+    return final
+
+
+def _nbytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    dtype, shape = spec
+    return math.prod(shape) * dtype.itemsize
+
+
+def _write_tensor(
+    writer: StreamingSafetensorsWriter,
+    name: str,
+    dtype: torch.dtype,
+    snapshot: Snapshot,
+    sketch: SafetensorsFile | None,
+    base: BaseModel,
+    target: int,
+    width: int,
+) -> None:
+    source = base.aliases.get(name, name)  # tied tensors: predicted once, written identically
+    numel = base.reader.info(source).numel
+    tracked = source in snapshot.meta["per_tensor"]
+    coef = predicted_coefficient(snapshot, source, target) if tracked else 0.0
+    rows = max(1, CHUNK_ELEMS // width)
+    for i, j in spans(numel, rows):
+        theta0 = base.reader.read_range(source, i, j)
+        if coef == 0.0 or sketch is None:
+            # frozen or non-float tensors: θ₀ exactly, converted only if the checkpoint's dtype differs
+            writer.append(name, theta0.to(dtype))
+            continue
+        v = sketch.read_range(source, i * width, j * width).reshape(j - i, width)[:, 0]
+        pred = theta0.to(torch.float32) + coef * v
+        writer.append(name, pred.to(dtype))
+
+
+def manifest(snapshot: Snapshot, target: int) -> dict[str, Any]:
+    """What a preview is: provenance, the fit behind it, and how far it reaches."""
+    meta = snapshot.meta
+    steps = meta["steps"]
+    return {
+        "relexd_version": __version__,
+        "target_step": target,
+        "observed_steps": steps,
+        "newest_observed_step": steps[-1],
+        "extrapolation_ratio": target / steps[-1] if steps[-1] > 0 else None,
+        "base": meta["base"]["path"],
+        "estimator": meta["config"],
+        "figures": meta.get("figures", {}),
+        "forecasts": meta.get("forecasts", []),
+        "state_generation": snapshot.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def read_manifest(preview: Path) -> dict[str, Any]:
+    return json.loads((preview / MANIFEST).read_text())

@@ -1,0 +1,324 @@
+"""The state directory and its crash-safe commit protocol (DESIGN.md §6).
+
+Layout::
+
+    STATE_DIR/
+      CURRENT                  {"format": 1, "generation": "g00000042"}  — the one published pointer
+      LOCK                     flock'd by the one process that writes
+      generations/g00000042/
+        sketch.safetensors     per tensor the basis Q (numel × width, float32)
+        small.safetensors      per tensor z (T × rank), ‖x_s‖² (T), σ (rank), float64
+        meta.json              steps, fits, figures, anchors, aux files, base fingerprint, config
+      anchors/a000000000064/
+        v.safetensors          per tensor v_a ("v/<name>", anchor dtype) — immutable once written
+        x.safetensors          per tensor x_a ("x/<name>")
+      aux/<sha256>             non-weight files of the newest checkpoint (config, tokenizer), by content
+
+A commit writes a complete new generation (and any new anchor) aside, fsyncs it, and then publishes it
+by atomically replacing CURRENT. A ``kill -9`` before that rename leaves the previous generation
+published; the unreferenced files are removed by :meth:`StateStore.cleanup` on the next start.
+Generations are rewritten whole (not patched in place) because that is what makes every instant
+recoverable without a journal; the cost is one write of the sketch per checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from relexd.errors import StateError
+from relexd.io.atomic import fsync_dir, remove_tree, write_json_atomic
+from relexd.io.safetensors_file import SafetensorsFile, StreamingSafetensorsWriter
+from relexd.math.sketch import SmallState
+
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+SKETCH_FILE = "sketch.safetensors"
+SMALL_FILE = "small.safetensors"
+META_FILE = "meta.json"
+ANCHOR_KINDS = ("v", "x")  # v_a: the direction, x_a: the delta at the anchor step
+
+TensorSpecs = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+class StateWriteError(StateError):
+    """Writing the next generation failed (disk full, permissions); the previous one stays valid."""
+
+
+def generation_name(number: int) -> str:
+    return f"g{number:08d}"
+
+
+def anchor_name(step: int) -> str:
+    return f"a{step:012d}"
+
+
+@dataclass
+class Snapshot:
+    """One published generation, opened for reading."""
+
+    root: Path
+    name: str | None  # None: nothing committed yet
+    meta: dict[str, Any]
+    _small: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path | None:
+        return self.root / "generations" / self.name if self.name else None
+
+    def small(self, tensor: str) -> SmallState:
+        if f"z/{tensor}" not in self._small:
+            return SmallState.empty()
+        return SmallState(
+            z=self._small[f"z/{tensor}"],
+            sqnorms=self._small[f"sq/{tensor}"],
+            sigma=self._small[f"sigma/{tensor}"],
+        )
+
+    def sketch(self) -> SafetensorsFile | None:
+        if self.path is None or not (self.path / SKETCH_FILE).exists():
+            return None
+        return SafetensorsFile(self.path / SKETCH_FILE)
+
+    def anchor(self, step: int) -> AnchorFiles:
+        return AnchorFiles(self.root / "anchors" / anchor_name(step))
+
+    def aux_path(self, digest: str) -> Path:
+        return self.root / "aux" / digest
+
+
+class AnchorFiles:
+    """The two files of one anchor, read as one: keys are "v/<tensor>" and "x/<tensor>"."""
+
+    def __init__(self, directory: Path) -> None:
+        self.files = {kind: SafetensorsFile(directory / f"{kind}.safetensors") for kind in ANCHOR_KINDS}
+
+    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.files[key.split("/", 1)[0]].read_range(key, start, stop)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def read_snapshot(root: Path, *, load_small: bool = True) -> Snapshot:
+    """Read the published generation. Safe while a writer runs: if a commit replaces the generation
+    between reading CURRENT and its files, read again (the writer deletes the old one only after
+    publishing the new)."""
+    for _ in range(20):
+        pointer = root / CURRENT
+        try:
+            current = json.loads(pointer.read_text())
+        except FileNotFoundError:
+            return Snapshot(root, None, {})
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{pointer}: unreadable state pointer: {exc}") from exc
+        fmt = current.get("format")
+        if fmt != FORMAT_VERSION:
+            raise StateError(
+                f"{pointer}: state format {fmt!r} is not the one this relexd understands "
+                f"({FORMAT_VERSION}); use a matching relexd version or a new --state-dir"
+            )
+        name = current.get("generation")
+        if name is None:
+            return Snapshot(root, None, {})
+        gen = root / "generations" / name
+        try:
+            meta = json.loads((gen / META_FILE).read_text())
+            small = load_file(str(gen / SMALL_FILE)) if load_small else {}
+        except FileNotFoundError:
+            continue  # replaced under us: read the new pointer
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{gen}: unreadable generation: {exc}") from exc
+        return Snapshot(root, name, meta, small)
+    raise StateError(f"{root}: state keeps changing while being read")
+
+
+class StateStore:
+    """Exclusive writer of one state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock_fd: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def open(self) -> Snapshot:
+        """Lock the directory, remove what an interrupted commit left, return the published state."""
+        for sub in ("generations", "anchors", "aux"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(f"{self.root}: another relexd process is writing this state directory") from None
+        self._lock_fd = fd
+        snapshot = read_snapshot(self.root)
+        self.cleanup(snapshot)
+        return snapshot
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def cleanup(self, snapshot: Snapshot) -> None:
+        """Delete every file the published generation does not reference (orphans of a crash)."""
+        keep_anchors = {anchor_name(a["step"]) for a in snapshot.meta.get("anchors", [])}
+        keep_aux = set(snapshot.meta.get("aux", {}).values())
+        for entry in (self.root / "generations").iterdir():
+            if entry.name != snapshot.name:
+                remove_tree(entry)
+        for entry in (self.root / "anchors").iterdir():
+            if entry.name not in keep_anchors:
+                remove_tree(entry)
+        for entry in (self.root / "aux").iterdir():
+            if entry.name not in keep_aux:
+                remove_tree(entry)
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".tmp-"):
+                remove_tree(entry)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def begin(self, snapshot: Snapshot) -> Transaction:
+        number = int(snapshot.name[1:]) + 1 if snapshot.name else 1
+        return Transaction(self, generation_name(number), snapshot)
+
+    def put_aux(self, source: Path) -> str:
+        """Store a small non-weight file by content; returns its digest (idempotent)."""
+        data = source.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.root / "aux" / digest
+        if not target.exists():
+            tmp = self.root / f".tmp-aux-{digest}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        return digest
+
+
+class Transaction:
+    """One new generation being written aside; nothing is visible until :meth:`commit`."""
+
+    def __init__(self, store: StateStore, name: str, parent: Snapshot) -> None:
+        self.store = store
+        self.name = name
+        self.parent = parent
+        self.path = store.root / "generations" / name
+        self.new_anchor_dirs: list[Path] = []
+        self._writers: list[StreamingSafetensorsWriter] = []
+        try:
+            self.path.mkdir(parents=True)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+
+    def sketch_writer(self, specs: TensorSpecs) -> StreamingSafetensorsWriter:
+        return self._open_writer(self.path / SKETCH_FILE, specs)
+
+    def anchor_writer(self, step: int, specs: TensorSpecs, kind: str) -> StreamingSafetensorsWriter:
+        """Writer of one of the anchor's files (``kind`` "v" or "x"); keys must be "<kind>/<tensor>"."""
+        directory = self.store.root / "anchors" / anchor_name(step)
+        if directory not in self.new_anchor_dirs:
+            remove_tree(directory)  # left by an interrupted commit of the same step
+            directory.mkdir(parents=True)
+            self.new_anchor_dirs.append(directory)
+        return self._open_writer(directory / f"{kind}.safetensors", specs)
+
+    def _open_writer(self, path: Path, specs: TensorSpecs) -> StreamingSafetensorsWriter:
+        try:
+            writer = StreamingSafetensorsWriter(path, specs)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        self._writers.append(writer)
+        return writer
+
+    def commit(self, small: Mapping[str, SmallState], meta: dict[str, Any]) -> Snapshot:
+        """Write the small arrays and meta, make everything durable, publish, drop the old."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, state in small.items():
+            tensors[f"z/{name}"] = state.z.contiguous()
+            tensors[f"sq/{name}"] = state.sqnorms.contiguous()
+            tensors[f"sigma/{name}"] = state.sigma.contiguous()
+        try:
+            for writer in self._writers:
+                writer.close()
+            save_file(tensors, str(self.path / SMALL_FILE))
+            _fsync_file(self.path / SMALL_FILE)
+            (self.path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            _fsync_file(self.path / META_FILE)
+            for directory in [self.path, *self.new_anchor_dirs]:
+                fsync_dir(directory)
+            for sub in ("generations", "anchors", "aux"):
+                fsync_dir(self.store.root / sub)
+            write_json_atomic(self.store.root / CURRENT, {"format": FORMAT_VERSION, "generation": self.name})
+        except OSError as exc:
+            self.abort()
+            raise _write_error(self.path, exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+        snapshot = Snapshot(self.store.root, self.name, meta, tensors)
+        self.store.cleanup(snapshot)
+        return snapshot
+
+    def abort(self) -> None:
+        """Forget this generation; the published one is untouched."""
+        for writer in self._writers:
+            writer.abort()
+        remove_tree(self.path)
+        for directory in self.new_anchor_dirs:
+            remove_tree(directory)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, exc: OSError) -> StateWriteError:
+    if exc.errno == errno.ENOSPC:
+        why = "disk full"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+    else:
+        why = exc.strerror or str(exc)
+    return StateWriteError(f"{path}: cannot write state ({why}); the previous state stays valid")
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes the state directory uses on disk."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Snapshot",
+    "StateStore",
+    "StateWriteError",
+    "Transaction",
+    "disk_usage",
+    "read_snapshot",
+]
