@@ -1,0 +1,255 @@
+"""Where the checkpoints of a training run are, and when each one is complete.
+
+Each trainer signals completion its own way (DESIGN.md §5): HF Trainer/TRL write
+``trainer_state.json`` last, verl advances ``latest_checkpointed_iteration.txt``, NeMo-RL renames
+``tmp_step_N`` to ``step_N``. OpenRLHF and plain layouts have no marker: :func:`scan_run` reports
+them complete once a weights file is present, the daemon additionally waits for
+:func:`size_signature` to be stable across two scans, and :func:`~relexd.io.reader.open_weights`
+validates every file before anything is read.
+
+:func:`scan_run` runs every few seconds, so it only lists directories, stats files and reads small
+marker files; it never reads weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from relexd.io.reader import find_weights_file, is_temp_name
+
+#: Layouts from most to least specific: when two candidates claim one step, the more specific
+#: wins (then the one directly in the run directory, then the smaller path).
+LAYOUTS = ("hf", "verl", "nemo_rl", "openrlhf", "plain", "file")
+#: Sub-directories of the run directory where trainers commonly put their checkpoints.
+NESTED_DIRS = ("checkpoints", "ckpt", "ckpts")
+HF_MARKER = "trainer_state.json"
+VERL_TRACKER = "latest_checkpointed_iteration.txt"
+
+_DIR_PATTERNS = (
+    ("hf", re.compile(r"checkpoint-(\d+)")),
+    ("verl", re.compile(r"global_step_(\d+)")),
+    ("openrlhf", re.compile(r"global_step(\d+)_hf")),
+    ("plain", re.compile(r"(?:step|iter)[_-](\d+)")),  # may turn out to be NeMo-RL
+)
+_FILE_PATTERN = re.compile(r"(?:.*[_-])?(?:step|iter|checkpoint)[_-]?(\d+)\.safetensors")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint of a run."""
+
+    step: int
+    path: Path  # the directory or file as the trainer names it (what appears and is rotated away)
+    weights: Path  # what to pass to open_weights (directory or file)
+    layout: str  # one of LAYOUTS
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one scan of a run directory found.
+
+    ``complete`` and ``pending`` are sorted by step and hold at most one ref per step.
+    ``unsupported`` lists (path, reason in words) of finished checkpoints relexd cannot read
+    (torch DCP, verl without HF weights); a DCP checkpoint whose ``.metadata`` is not yet written
+    is not listed at all, since it will only ever become unsupported.
+    """
+
+    complete: list[CheckpointRef]
+    pending: list[CheckpointRef]
+    unsupported: list[tuple[Path, str]]
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint's name (``checkpoint-N``, ``global_step_N``, ``global_stepN_hf``,
+    ``step_N``, ``iter_000N``, ``…step_N.safetensors``); None for other and temporary names."""
+    parsed = _parse_name(Path(path).name)
+    return parsed[1] if parsed else None
+
+
+def _parse_name(name: str) -> tuple[str, int] | None:
+    if is_temp_name(name):
+        return None
+    for layout, pattern in _DIR_PATTERNS:
+        match = pattern.fullmatch(name)
+        if match:
+            return layout, int(match.group(1))
+    match = _FILE_PATTERN.fullmatch(name)
+    return ("file", int(match.group(1))) if match else None
+
+
+def _has_weights(directory: Path) -> bool:
+    try:
+        return find_weights_file(directory) is not None
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _dcp_dir(directory: Path) -> tuple[Path, bool] | None:
+    """A torch DCP checkpoint in ``directory`` or one of its sub-directories: (where, complete)."""
+    try:
+        places = [directory, *(p for p in directory.iterdir() if p.is_dir())]
+        for place in places:
+            names = os.listdir(place)
+            if any(name.endswith(".distcp") for name in names):
+                return place, ".metadata" in names
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    """The integer in a small marker file; None when absent, empty or half-written."""
+    try:
+        return int(path.read_text(encoding="utf-8").strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _hf_step(directory: Path, fallback: int) -> int:
+    try:
+        step = json.loads((directory / HF_MARKER).read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return fallback
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else fallback
+
+
+def _verl_weights(directory: Path) -> Path:
+    for candidate in (directory / "actor" / "huggingface", directory / "actor", directory):
+        if _has_weights(candidate):
+            return candidate
+    return directory / "actor" / "huggingface"
+
+
+def _nemo_weights(directory: Path) -> Path:
+    weights = directory / "policy" / "weights"
+    return weights / "model" if (weights / "model").is_dir() else weights
+
+
+class _Scanner:
+    """One scan of one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.found: list[tuple[CheckpointRef, bool]] = []
+        self.unsupported: list[tuple[Path, str]] = []
+
+    def scan(self) -> None:
+        try:
+            entries = list(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        tracker = _read_int(self.root / VERL_TRACKER)
+        for entry in entries:
+            parsed = _parse_name(entry.name)
+            if parsed is None:
+                continue
+            try:
+                self._classify(Path(entry.path), *parsed, tracker)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # rotated away while we looked
+
+    def _classify(self, path: Path, layout: str, step: int, tracker: int | None) -> None:
+        if layout == "file":
+            if path.is_file():
+                self.found.append((CheckpointRef(step, path, path, "file"), True))
+            return
+        if not path.is_dir():
+            return
+        weights = path
+        if layout == "hf":
+            complete = (path / HF_MARKER).is_file()
+            if complete:
+                step = _hf_step(path, step)
+        elif layout == "verl":
+            weights = _verl_weights(path)
+            complete = tracker is not None and tracker >= step
+        elif layout == "plain" and (path / "policy").is_dir():
+            layout, weights, complete = "nemo_rl", _nemo_weights(path), True
+        else:  # openrlhf, plain: no marker
+            complete = _has_weights(path)
+        ref = CheckpointRef(step, path, weights, layout)
+        if _has_weights(weights):
+            self.found.append((ref, complete))
+            return
+        dcp = _dcp_dir(weights)
+        if dcp is not None:
+            where, finished = dcp
+            if finished:
+                self.unsupported.append(
+                    (
+                        path,
+                        f"torch distributed checkpoint (*.distcp) in {where}: relexd reads "
+                        "safetensors or .bin only; convert it (torch.distributed.checkpoint."
+                        "format_utils.dcp_to_torch_save) or have the trainer save HF weights",
+                    )
+                )
+        elif layout == "verl" and complete:
+            self.unsupported.append(
+                (
+                    path,
+                    "verl checkpoint without HuggingFace weights: add 'hf_model' to checkpoint.save_contents",
+                )
+            )
+        else:
+            self.found.append((ref, complete))
+
+
+def scan_run(run_dir: Path) -> ScanResult:
+    """Find the checkpoints of a run in ``run_dir`` and its ``checkpoints``/``ckpt``/``ckpts``
+    sub-directory; temporary names are ignored and an entry vanishing mid-scan is skipped.
+
+    When several candidates claim one step, the one of the most specific layout (order of
+    :data:`LAYOUTS`) is kept, then the one directly in ``run_dir``, then the smaller path; if
+    that one is pending, the step is pending.
+    """
+    run_dir = Path(run_dir)
+    roots = [run_dir, *(run_dir / name for name in NESTED_DIRS)]
+    best: dict[int, tuple[tuple[int, int, str], CheckpointRef, bool]] = {}
+    unsupported: list[tuple[Path, str]] = []
+    for depth, root in enumerate(roots):
+        scanner = _Scanner(root)
+        scanner.scan()
+        unsupported.extend(scanner.unsupported)
+        for ref, complete in scanner.found:
+            rank = (LAYOUTS.index(ref.layout), min(depth, 1), str(ref.path))
+            if ref.step not in best or rank < best[ref.step][0]:
+                best[ref.step] = (rank, ref, complete)
+    chosen = [best[step] for step in sorted(best)]
+    return ScanResult(
+        complete=[ref for _, ref, complete in chosen if complete],
+        pending=[ref for _, ref, complete in chosen if not complete],
+        unsupported=sorted(unsupported),
+    )
+
+
+def size_signature(ref: CheckpointRef) -> tuple[tuple[str, int, int], ...]:
+    """(file relative to the weights, size, mtime_ns) of every weights file of ``ref``.
+
+    Equal signatures from two scans some seconds apart tell the daemon that a marker-less
+    checkpoint is no longer being written. Files vanishing meanwhile are left out.
+    """
+    weights = ref.weights
+    try:
+        if weights.is_dir():
+            files = [
+                entry
+                for entry in weights.iterdir()
+                if entry.name.endswith(_WEIGHT_SUFFIXES) and not is_temp_name(entry.name)
+            ]
+        else:
+            files = [weights]
+    except (FileNotFoundError, NotADirectoryError):
+        return ()
+    signature = []
+    for file in sorted(files):
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            continue
+        signature.append((file.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)

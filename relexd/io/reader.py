@@ -1,0 +1,284 @@
+"""Lazy, validated access to the weights of one checkpoint (or of the base model).
+
+:func:`open_weights` finds the weights in what a trainer wrote (single or sharded safetensors, or a
+legacy ``pytorch_model.bin``), validates every file up front and returns a :class:`WeightReader`
+that reads one tensor, or one element range, at a time. Opening is the completeness check of
+layouts without a marker, so it refuses anything not fully written with a
+:class:`~relexd.errors.CheckpointError` that names the file.
+
+``.bin`` files are loaded with ``torch.load(weights_only=True, mmap=True)``: arbitrary pickles are
+never executed, and tensors stay on disk until read. torch offers no plain-read lazy path for
+them, so unlike safetensors they are memory-mapped; they are the legacy format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from relexd.errors import CheckpointError
+from relexd.io.safetensors_file import SafetensorsFile, os_error
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+#: Weight files of an adapter (PEFT/LoRA), not of the full model: never taken as weights.
+ADAPTER_NAMES = frozenset({"adapter_model.safetensors", "adapter_model.bin"})
+
+
+def is_temp_name(name: str) -> bool:
+    """Names that writers use for files not yet complete (renamed into place when done)."""
+    return (
+        name.startswith(".")
+        or ".tmp" in name
+        or name.startswith("tmp-checkpoint-")
+        or name.startswith("tmp_step_")
+    )
+
+
+def find_weights_file(directory: Path) -> Path | None:
+    """The file that describes the weights in ``directory``, in transformers' order of preference,
+    else the only ``*.safetensors`` file; None when there is none (or several without an index)."""
+    for name in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX):
+        if (directory / name).is_file():
+            return directory / name
+    candidates = [
+        entry
+        for entry in directory.iterdir()
+        if entry.suffix == ".safetensors"
+        and not is_temp_name(entry.name)
+        and entry.name not in ADAPTER_NAMES
+        and entry.is_file()
+    ]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """Name, dtype, shape and file of one weight tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class _BinFile:
+    """One zip-format torch.save state dict, memory-mapped, loaded without unpickling objects."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            if not zipfile.is_zipfile(path):
+                raise CheckpointError(
+                    path,
+                    "unsupported",
+                    "not a zip-format torch.save file (legacy format or truncated): it cannot be "
+                    "memory-mapped; re-save it with a current torch or convert it to safetensors",
+                )
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except OSError as exc:
+            raise os_error(path, exc, "loading") from exc
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                path,
+                "unsupported",
+                f"pickle holds objects other than tensors, refused without running it: {exc}",
+            ) from exc
+        except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(path, "corrupt_header", f"cannot load torch file: {exc}") from exc
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise CheckpointError(
+                path, "unsupported", "not a flat dict of tensor names to tensors (a state dict)"
+            )
+        self.tensors: dict[str, torch.Tensor] = state
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name].clone(memory_format=torch.contiguous_format)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name].reshape(-1)[start:stop].clone()
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+class WeightReader:
+    """The weights of one checkpoint, tensor by tensor; every file was validated on open.
+
+    ``names()`` is stable: files in sorted order, tensors within a file in storage order.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        files: dict[str, SafetensorsFile | _BinFile],
+        shards: dict[str, list[str]],
+    ) -> None:
+        self.path = path
+        self.format = fmt
+        self._files = files
+        self._shards = shards
+        self._infos: dict[str, WeightInfo] = {}
+        for rel, names in shards.items():
+            for name in names:
+                self._infos[name] = self._describe(name, files[rel])
+        self._file_of = {name: files[rel] for rel, names in shards.items() for name in names}
+
+    @staticmethod
+    def _describe(name: str, file: SafetensorsFile | _BinFile) -> WeightInfo:
+        if isinstance(file, SafetensorsFile):
+            info = file.info(name)
+            return WeightInfo(name, info.dtype, info.shape, file.path)
+        tensor = file.tensors[name]
+        return WeightInfo(name, tensor.dtype, tuple(tensor.shape), file.path)
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> WeightInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, owned by the caller, in its stored dtype and shape."""
+        self.info(name)
+        return self._file_of[name].read(name)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, 1-D, in the stored dtype."""
+        numel = self.info(name).numel
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"range [{start}, {stop}) is outside {name!r} of {numel} elements")
+        return self._file_of[name].read_range(name, start, stop)
+
+    def shard_files(self) -> dict[str, list[str]]:
+        """Weights file name (relative to the directory) -> its tensor names, so that a writer
+        can mirror the source's shard layout."""
+        return {rel: list(names) for rel, names in self._shards.items()}
+
+    def total_bytes(self) -> int:
+        """Bytes of tensor data (numel × itemsize over every tensor)."""
+        return sum(info.numel * info.dtype.itemsize for info in self._infos.values())
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+
+    def __enter__(self) -> WeightReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _open_file(path: Path) -> SafetensorsFile | _BinFile:
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else _BinFile(path)
+
+
+def _file_names(file: SafetensorsFile | _BinFile) -> list[str]:
+    return file.names() if isinstance(file, SafetensorsFile) else list(file.tensors)
+
+
+def _read_index(index: Path) -> dict[str, list[str]]:
+    """Shard file -> tensor names (index order) from a ``*.index.json``, shards sorted by name."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except OSError as exc:
+        raise os_error(index, exc, "reading the index") from exc
+    except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(index, "corrupt_header", f"index is not a JSON object: {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(index, "corrupt_header", "index has no weight_map of strings")
+    shards: dict[str, list[str]] = {}
+    for name, rel in weight_map.items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts:
+            raise CheckpointError(index, "corrupt_header", f"index names a shard outside: {rel!r}")
+        shards.setdefault(rel, []).append(name)
+    return dict(sorted(shards.items()))
+
+
+def _open_sharded(index: Path, fmt: str, root: Path) -> WeightReader:
+    directory = index.parent
+    by_index = _read_index(index)
+    files: dict[str, SafetensorsFile | _BinFile] = {}
+    shards: dict[str, list[str]] = {}
+    try:
+        for rel, indexed in by_index.items():
+            shard = directory / rel
+            if not shard.is_file():
+                raise CheckpointError(shard, "missing_shard", f"shard named by {index.name} does not exist")
+            files[rel] = _open_file(shard)
+            stored = _file_names(files[rel])
+            absent = sorted(set(indexed) - set(stored))
+            if absent:
+                raise CheckpointError(
+                    shard, "corrupt_header", f"{index.name} puts tensors {absent[:5]} here, absent"
+                )
+            wanted = set(indexed)  # the index is authoritative: stray extra tensors are ignored
+            shards[rel] = [name for name in stored if name in wanted]
+    except BaseException:
+        for file in files.values():
+            file.close()
+        raise
+    return WeightReader(root, fmt, files, shards)
+
+
+def _open_single(path: Path, root: Path) -> WeightReader:
+    file = _open_file(path)
+    fmt = "safetensors" if isinstance(file, SafetensorsFile) else "bin"
+    return WeightReader(root, fmt, {path.name: file}, {path.name: _file_names(file)})
+
+
+def open_weights(path: Path) -> WeightReader:
+    """Open the weights at ``path``: a checkpoint directory, a ``*.safetensors``/``*.bin`` file or
+    an ``*.index.json``. Every file is validated now; a vanished path is trainer rotation."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "rotated", "does not exist (rotated away?)")
+    if path.is_dir():
+        try:
+            found = find_weights_file(path)
+        except OSError as exc:
+            raise os_error(path, exc, "listing") from exc
+        if found is None:
+            raise CheckpointError(
+                path,
+                "missing_shard",
+                f"no weights file ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE}, {BIN_INDEX} or a "
+                f"single *.safetensors) in {path}",
+            )
+        root = path
+    else:
+        found, root = path, path
+    if found.name.endswith(".index.json"):
+        fmt = "bin" if found.name.endswith(".bin.index.json") else "safetensors"
+        return _open_sharded(found, fmt, root)
+    if found.suffix in (".safetensors", ".bin"):
+        return _open_single(found, root)
+    raise CheckpointError(path, "unsupported", "not a .safetensors, .bin or .index.json file")

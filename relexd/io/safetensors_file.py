@@ -1,0 +1,458 @@
+"""The safetensors format, validated strictly and read with plain reads (no mmap).
+
+Why plain reads: the trainer writes and rotates checkpoints while relexd reads them, often on a
+network file system. A memory-mapped file that is truncated or deleted under us, or an NFS/Lustre
+page that cannot be fetched, kills the whole process with SIGBUS instead of raising. ``os.pread``
+on a descriptor opened once returns short or raises instead, and that we turn into a
+:class:`~relexd.errors.CheckpointError` naming the file. Reads are tensor by tensor or element
+range by element range, so memory stays bounded by what the caller asks for.
+
+Layout of a file: 8-byte little-endian header length N, N bytes of JSON header (an object mapping
+tensor names to ``{"dtype", "shape", "data_offsets"}`` plus an optional ``__metadata__`` object of
+strings), then the tensor bytes. Offsets are relative to the end of the header. Tensor bytes are
+little-endian, which is also the byte order of every host relexd supports (x86-64, aarch64).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from relexd.errors import CheckpointError
+
+#: safetensors dtype codes and the torch dtypes they denote (only those this torch build has).
+DTYPES: dict[str, torch.dtype] = {
+    code: dtype
+    for code, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": getattr(torch, "uint64", None),
+        "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None),
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    }.items()
+    if dtype is not None
+}
+_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+#: Larger headers are refused: real ones are kilobytes to a few megabytes, and a garbage length
+#: must not make us allocate gigabytes.
+MAX_HEADER_BYTES = 100_000_000
+_METADATA_KEY = "__metadata__"
+#: Upper bound of one pread; Linux caps a single read at about 2 GiB anyway.
+_READ_CHUNK = 1 << 30
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of ``dtype`` (ValueError when the format cannot store it)."""
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        raise ValueError(f"safetensors cannot store dtype {dtype}") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie in its file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int  # absolute byte offset (exclusive)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The validated header of one file; ``tensors`` is in data-offset order."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+    file_size: int
+
+
+def os_error(path: Path, exc: OSError, doing: str) -> CheckpointError:
+    """Map an OS error to a reason code: a vanished file is trainer rotation, not corruption."""
+    if isinstance(exc, FileNotFoundError) or exc.errno == errno.ESTALE:
+        return CheckpointError(path, "rotated", f"file disappeared while {doing} (rotated away?)")
+    if isinstance(exc, PermissionError):
+        return CheckpointError(path, "permission", f"permission denied while {doing}")
+    return CheckpointError(path, "io", f"I/O error while {doing}: {exc.strerror or exc}")
+
+
+def _corrupt(path: Path, message: str) -> CheckpointError:
+    return CheckpointError(path, "corrupt_header", message)
+
+
+def _pread_exact(fd: int, path: Path, size: int, offset: int) -> bytearray:
+    """Read exactly ``size`` bytes at ``offset``; a short read means the file shrank under us."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    done = 0
+    try:
+        while done < size:
+            got = os.preadv(fd, [view[done : done + _READ_CHUNK]], offset + done)
+            if got == 0:
+                break
+            done += got
+    except OSError as exc:
+        raise os_error(path, exc, "reading") from exc
+    if done < size:
+        if not path.exists():
+            raise CheckpointError(path, "rotated", "file disappeared while reading (rotated away?)")
+        raise CheckpointError(
+            path,
+            "truncated",
+            f"file ended at byte {offset + done}, expected data up to byte {offset + size} "
+            "(truncated while reading?)",
+        )
+    return buf
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        raise ValueError(f"duplicate keys {duplicates}")
+    return dict(pairs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise _corrupt(path, f"header entry of tensor {name!r} is not an object")
+    code = entry.get("dtype")
+    dtype = DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has invalid shape {shape!r}")
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    info = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    expected = info.numel * dtype.itemsize
+    if info.end - info.start != expected:
+        raise _corrupt(
+            path,
+            f"tensor {name!r} spans {info.end - info.start} bytes but shape {info.shape} of "
+            f"{entry['dtype']} needs {expected}",
+        )
+    return info
+
+
+def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _corrupt(path, "__metadata__ is not an object of strings")
+    return metadata
+
+
+def _read_header_fd(fd: int, path: Path) -> SafetensorsHeader:
+    try:
+        file_size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise os_error(path, exc, "reading the header") from exc
+    if file_size < 8:
+        raise CheckpointError(
+            path, "truncated", f"file is {file_size} bytes, too short for a safetensors header"
+        )
+    header_len = int.from_bytes(_pread_exact(fd, path, 8, 0), "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise _corrupt(path, f"header length {header_len} is absurd (limit {MAX_HEADER_BYTES})")
+    if header_len > file_size - 8:
+        raise CheckpointError(
+            path,
+            "truncated",
+            f"file is {file_size} bytes but its header alone needs {8 + header_len} (truncated?)",
+        )
+    raw = _pread_exact(fd, path, header_len, 8)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _corrupt(path, f"header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+
+    metadata = header.pop(_METADATA_KEY, None)
+    if metadata is not None:
+        metadata = _parse_metadata(path, metadata)
+    data_start = 8 + header_len
+    infos = sorted(
+        (_parse_entry(path, name, entry, data_start) for name, entry in header.items()),
+        key=lambda info: (info.start, info.end),
+    )
+    position = data_start
+    for info in infos:
+        if info.start != position:
+            problem = "overlaps the previous tensor" if info.start < position else "leaves a gap"
+            raise _corrupt(path, f"tensor {info.name!r} at byte {info.start} {problem}")
+        position = info.end
+    if position > file_size:
+        raise CheckpointError(
+            path,
+            "truncated",
+            f"file is {file_size} bytes but its header describes {position} (truncated?)",
+        )
+    if position < file_size:
+        raise _corrupt(path, f"file is {file_size} bytes but its header describes only {position}")
+    return SafetensorsHeader(path, {info.name: info for info in infos}, metadata, file_size)
+
+
+def _open_fd(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise os_error(path, exc, "opening") from exc
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Read and validate the header of ``path`` against the file's actual size.
+
+    This is the completeness check of marker-less checkpoints: a file still being written, cut
+    short, or not safetensors at all fails here with a :class:`CheckpointError`.
+    """
+    path = Path(path)
+    fd = _open_fd(path)
+    try:
+        return _read_header_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+class SafetensorsFile:
+    """Plain-read access to one validated file; reads tensor by tensor or element range by range.
+
+    The descriptor is opened once, so every read sees the inode that was validated even if the
+    trainer renames another file over the path meanwhile.
+    """
+
+    def __init__(self, path: Path, header: SafetensorsHeader | None = None) -> None:
+        self.path = Path(path)
+        self._fd: int | None = _open_fd(self.path)
+        try:
+            if header is None:
+                header = _read_header_fd(self._fd, self.path)
+            else:
+                self._check_size(header)
+        except BaseException:
+            self.close()
+            raise
+        self.header = header
+
+    def _check_size(self, header: SafetensorsHeader) -> None:
+        try:
+            size = os.fstat(self._descriptor()).st_size
+        except OSError as exc:
+            raise os_error(self.path, exc, "opening") from exc
+        if size < header.file_size:
+            raise CheckpointError(
+                self.path,
+                "truncated",
+                f"file is {size} bytes but its header describes {header.file_size} (truncated?)",
+            )
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def names(self) -> list[str]:
+        """Tensor names in data-offset order."""
+        return list(self.header.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, owned by the caller, in its stored dtype and shape."""
+        info = self.info(name)
+        return self._tensor(info, info.start, info.end).reshape(info.shape)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, 1-D, in the stored dtype."""
+        info = self.info(name)
+        if not 0 <= start <= stop <= info.numel:
+            raise ValueError(f"range [{start}, {stop}) is outside {name!r} of {info.numel} elements")
+        itemsize = info.dtype.itemsize
+        return self._tensor(info, info.start + start * itemsize, info.start + stop * itemsize)
+
+    def _tensor(self, info: TensorInfo, begin: int, end: int) -> torch.Tensor:
+        if begin == end:  # torch.frombuffer refuses empty buffers
+            return torch.empty(0, dtype=info.dtype)
+        buf = _pread_exact(self._descriptor(), self.path, end - begin, begin)
+        return torch.frombuffer(buf, dtype=info.dtype)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file tensor by tensor, so that no more than one tensor (or one chunk)
+    is in memory.
+
+    Why not ``safetensors.torch.save_file``: it needs every tensor in memory at once, and a
+    preview of a 70B model does not fit. The header is computed up front from ``specs`` (tensors
+    stored in the given order), then data is appended in that order. A file that did not receive
+    every byte is deleted, never left looking like a checkpoint.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        header: dict[str, Any] = {}
+        if metadata is not None:
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+                raise ValueError("metadata must map strings to strings")
+            header[_METADATA_KEY] = dict(metadata)
+        self._pending: list[tuple[str, torch.dtype, int]] = []  # name, dtype, bytes left
+        self._finished = False
+        offset = 0
+        for name, (dtype, shape) in specs.items():
+            if name == _METADATA_KEY:
+                raise ValueError(f"{_METADATA_KEY!r} cannot be a tensor name")
+            if not all(_is_int(d) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name!r} has invalid shape {shape!r}")
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {
+                "dtype": dtype_code(dtype),
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._pending.append((name, dtype, nbytes))
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the reference writer pads to 8-byte alignment
+        self._file = open(self.path, "wb")  # noqa: SIM115 - owned until close()/abort()
+        try:
+            self._file.write(len(encoded).to_bytes(8, "little") + encoded)
+            self._skip_complete()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _skip_complete(self) -> None:
+        while self._pending and self._pending[0][2] == 0:
+            self._pending.pop(0)
+
+    def append(self, name: str, chunk: torch.Tensor) -> None:
+        """Write the next elements of tensor ``name`` (flattened; any chunk size).
+
+        Tensors must be completed in spec order and ``chunk.dtype`` must equal the spec.
+        """
+        if self._file.closed:
+            raise ValueError(f"{self.path}: writer is closed")
+        if not self._pending:
+            raise ValueError(f"{self.path}: every tensor is complete, got more data for {name!r}")
+        expected, dtype, left = self._pending[0]
+        if name != expected:
+            raise ValueError(f"{self.path}: expected data of {expected!r}, got {name!r}")
+        if chunk.dtype != dtype:
+            raise ValueError(f"{self.path}: tensor {name!r} is {dtype}, got a {chunk.dtype} chunk")
+        flat = chunk.detach().to("cpu").contiguous().reshape(-1)
+        nbytes = flat.numel() * dtype.itemsize
+        if nbytes > left:
+            raise ValueError(
+                f"{self.path}: chunk of {nbytes} bytes overruns tensor {name!r} ({left} bytes left)"
+            )
+        if nbytes:
+            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._pending[0] = (expected, dtype, left - nbytes)
+        self._skip_complete()
+
+    def close(self) -> None:
+        """Check that every tensor is complete, then flush and fsync.
+
+        An incomplete file is deleted and ValueError raised: it would only fail validation later.
+        """
+        if self._file.closed:
+            return
+        if self._pending:
+            missing = [name for name, _, _ in self._pending]
+            self.abort()
+            raise ValueError(f"{self.path}: closed before tensors {missing} were complete")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self.abort()
+            raise
+        self._file.close()
+        self._finished = True
+
+    def abort(self) -> None:
+        """Close and delete the partial file (a no-op once :meth:`close` succeeded)."""
+        if self._finished:
+            return
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamingSafetensorsWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

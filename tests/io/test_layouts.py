@@ -1,0 +1,219 @@
+"""scan_run recognises each trainer's layout and completion marker (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from relexd.io.layouts import CheckpointRef, checkpoint_step, scan_run, size_signature
+from relexd.io.reader import open_weights
+
+
+def _weights(directory: Path, name: str = "model.safetensors") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.ones(3)}, directory / name)
+    return directory
+
+
+def _hf(run: Path, step: int, *, done: bool = True, global_step: object = None) -> Path:
+    directory = _weights(run / f"checkpoint-{step}")
+    if done:
+        state = {"global_step": step if global_step is None else global_step}
+        (directory / "trainer_state.json").write_text(json.dumps(state))
+    return directory
+
+
+def _steps(refs: list[CheckpointRef]) -> list[tuple[int, str]]:
+    return [(ref.step, ref.layout) for ref in refs]
+
+
+def test_hf_trainer_state_marks_completion(tmp_path: Path) -> None:
+    _hf(tmp_path, 10)
+    _hf(tmp_path, 20, done=False)
+    _weights(tmp_path / "tmp-checkpoint-30")
+    (tmp_path / "runs").mkdir()
+    result = scan_run(tmp_path)
+    assert _steps(result.complete) == [(10, "hf")]
+    assert _steps(result.pending) == [(20, "hf")]
+    ref = result.complete[0]
+    assert ref.path == ref.weights == tmp_path / "checkpoint-10"
+
+
+def test_hf_step_from_trainer_state(tmp_path: Path) -> None:
+    _hf(tmp_path, 5, global_step=50)
+    half_written = _hf(tmp_path, 7)
+    (half_written / "trainer_state.json").write_text('{"global_st')
+    assert [ref.step for ref in scan_run(tmp_path).complete] == [7, 50]
+
+
+def test_verl_tracker(tmp_path: Path) -> None:
+    for step in (5, 10):
+        _weights(tmp_path / f"global_step_{step}" / "actor" / "huggingface")
+    tracker = tmp_path / "latest_checkpointed_iteration.txt"
+
+    assert scan_run(tmp_path).complete == []  # no tracker yet
+    tracker.write_text("")
+    result = scan_run(tmp_path)
+    assert (result.complete, _steps(result.pending)) == ([], [(5, "verl"), (10, "verl")])
+
+    tracker.write_text("5\n")
+    result = scan_run(tmp_path)
+    assert _steps(result.complete) == [(5, "verl")]
+    assert _steps(result.pending) == [(10, "verl")]
+    assert result.complete[0].weights == tmp_path / "global_step_5" / "actor" / "huggingface"
+    assert result.complete[0].path == tmp_path / "global_step_5"
+
+    tracker.write_text("10")
+    assert _steps(scan_run(tmp_path).complete) == [(5, "verl"), (10, "verl")]
+
+
+def test_verl_weights_in_actor_dir(tmp_path: Path) -> None:
+    _weights(tmp_path / "global_step_3" / "actor")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
+    [ref] = scan_run(tmp_path).complete
+    assert ref.weights == tmp_path / "global_step_3" / "actor"
+
+
+def test_verl_without_hf_weights_is_unsupported(tmp_path: Path) -> None:
+    actor = tmp_path / "global_step_4" / "actor"
+    actor.mkdir(parents=True)
+    (actor / "model_world_size_2_rank_0.pt").write_bytes(b"x")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
+    result = scan_run(tmp_path)
+    assert result.complete == result.pending == []
+    [(path, why)] = result.unsupported
+    assert path == tmp_path / "global_step_4"
+    assert "hf_model" in why
+
+
+def test_openrlhf_needs_a_weights_file(tmp_path: Path) -> None:
+    _weights(tmp_path / "global_step7_hf")
+    (tmp_path / "global_step8_hf").mkdir()
+    _weights(tmp_path / "global_step9")  # DeepSpeed engine state, not HF weights
+    result = scan_run(tmp_path)
+    assert _steps(result.complete) == [(7, "openrlhf")]
+    assert _steps(result.pending) == [(8, "openrlhf")]
+
+
+def test_nemo_rl(tmp_path: Path) -> None:
+    _weights(tmp_path / "step_3" / "policy" / "weights" / "model")
+    _weights(tmp_path / "tmp_step_4" / "policy" / "weights" / "model")
+    [ref] = scan_run(tmp_path).complete
+    assert (ref.step, ref.layout) == (3, "nemo_rl")
+    assert ref.weights == tmp_path / "step_3" / "policy" / "weights" / "model"
+    assert scan_run(tmp_path).pending == []
+
+
+def test_dcp_is_unsupported_once_metadata_exists(tmp_path: Path) -> None:
+    weights = tmp_path / "step_6" / "policy" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "__0_0.distcp").write_bytes(b"x")
+    result = scan_run(tmp_path)
+    assert result.complete == result.pending == result.unsupported == []
+    (weights / ".metadata").write_bytes(b"x")
+    [(path, why)] = scan_run(tmp_path).unsupported
+    assert path == tmp_path / "step_6"
+    assert "distcp" in why
+
+
+def test_plain_directories_and_files(tmp_path: Path) -> None:
+    _weights(tmp_path / "step_1")
+    _weights(tmp_path / "step-2")
+    _weights(tmp_path / "iter_0003")
+    (tmp_path / "step_4").mkdir()  # nothing written yet
+    save_file({"w": torch.ones(1)}, tmp_path / "model_step_120.safetensors")
+    save_file({"w": torch.ones(1)}, tmp_path / "step-130.safetensors")
+    save_file({"w": torch.ones(1)}, tmp_path / "model_step_140.safetensors.tmp99")
+    save_file({"w": torch.ones(1)}, tmp_path / ".step_150.safetensors")
+    save_file({"w": torch.ones(1)}, tmp_path / "adapter_model.safetensors")
+    result = scan_run(tmp_path)
+    assert _steps(result.complete) == [
+        (1, "plain"),
+        (2, "plain"),
+        (3, "plain"),
+        (120, "file"),
+        (130, "file"),
+    ]
+    assert _steps(result.pending) == [(4, "plain")]
+    for ref in result.complete:  # what the scan calls complete opens
+        with open_weights(ref.weights) as reader:
+            assert reader.names() == ["w"]
+
+
+@pytest.mark.parametrize("nested", ["checkpoints", "ckpt", "ckpts"])
+def test_nested_checkpoint_directory(tmp_path: Path, nested: str) -> None:
+    _hf(tmp_path / nested, 12)
+    _hf(tmp_path / "other", 13)  # only the well-known names are looked into
+    [ref] = scan_run(tmp_path).complete
+    assert ref.path == tmp_path / nested / "checkpoint-12"
+
+
+def test_same_step_prefers_most_specific_layout(tmp_path: Path) -> None:
+    _hf(tmp_path, 100)
+    save_file({"w": torch.ones(1)}, tmp_path / "model_step_100.safetensors")
+    _hf(tmp_path, 200, done=False)
+    _weights(tmp_path / "step_200")
+    _hf(tmp_path / "checkpoints", 300)
+    _hf(tmp_path, 300)
+    result = scan_run(tmp_path)
+    assert [(r.step, r.path) for r in result.complete] == [
+        (100, tmp_path / "checkpoint-100"),
+        (300, tmp_path / "checkpoint-300"),
+    ]
+    assert [(r.step, r.path) for r in result.pending] == [(200, tmp_path / "checkpoint-200")]
+
+
+def test_missing_run_dir_is_empty(tmp_path: Path) -> None:
+    result = scan_run(tmp_path / "nope")
+    assert result.complete == result.pending == result.unsupported == []
+
+
+@pytest.mark.parametrize(
+    ("name", "step"),
+    [
+        ("checkpoint-500", 500),
+        ("global_step_12", 12),
+        ("global_step12_hf", 12),
+        ("step_7", 7),
+        ("step-7", 7),
+        ("iter_0042", 42),
+        ("model_step_120.safetensors", 120),
+        ("step-130.safetensors", 130),
+        ("tmp-checkpoint-5", None),
+        ("tmp_step_5", None),
+        ("step_5.tmp", None),
+        ("model.safetensors", None),
+        ("config.json", None),
+    ],
+)
+def test_checkpoint_step(name: str, step: int | None) -> None:
+    assert checkpoint_step(Path("/run") / name) == step
+
+
+def test_size_signature_tracks_weight_files(tmp_path: Path) -> None:
+    directory = _weights(tmp_path / "global_step1_hf")
+    (directory / "config.json").write_text("{}")
+    ref = CheckpointRef(1, directory, directory, "openrlhf")
+    first = size_signature(ref)
+    assert [(name, size) for name, size, _ in first] == [
+        ("model.safetensors", (directory / "model.safetensors").stat().st_size)
+    ]
+    assert size_signature(ref) == first
+    with open(directory / "model.safetensors", "ab") as file:
+        file.write(b"\0")
+    assert size_signature(ref) != first
+    os.unlink(directory / "model.safetensors")
+    assert size_signature(ref) == ()
+
+
+def test_size_signature_of_single_file(tmp_path: Path) -> None:
+    path = tmp_path / "step-3.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+    ref = CheckpointRef(3, path, path, "file")
+    [(name, size, _)] = size_signature(ref)
+    assert (name, size) == ("step-3.safetensors", path.stat().st_size)

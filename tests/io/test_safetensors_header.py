@@ -1,0 +1,179 @@
+"""read_header accepts what the reference writer produces and names every way a file can be bad."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from relexd.errors import CheckpointError
+from relexd.io.safetensors_file import DTYPES, dtype_code, read_header
+
+
+def _raw_file(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def _reason(path: Path) -> str:
+    with pytest.raises(CheckpointError) as caught:
+        read_header(path)
+    assert caught.value.path == path
+    return caught.value.reason
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "model.safetensors"
+    save_file(
+        {
+            "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+            "b": torch.ones(4, dtype=torch.bfloat16),
+            "scalar": torch.tensor(3, dtype=torch.int64),
+            "empty": torch.zeros(0, 5, dtype=torch.float16),
+        },
+        path,
+        metadata={"format": "pt"},
+    )
+    return path
+
+
+def test_reference_file_passes(good: Path) -> None:
+    header = read_header(good)
+    assert header.file_size == good.stat().st_size
+    assert header.metadata == {"format": "pt"}
+    assert set(header.tensors) == {"a", "b", "scalar", "empty"}
+    starts = [info.start for info in header.tensors.values()]
+    assert starts == sorted(starts)
+    a = header.tensors["a"]
+    assert (a.dtype, a.shape, a.numel, a.end - a.start) == (torch.float32, (2, 3), 6, 24)
+    assert header.tensors["scalar"].shape == ()
+    assert header.tensors["scalar"].numel == 1
+    assert max(info.end for info in header.tensors.values()) == header.file_size
+
+
+def test_truncated_file(good: Path) -> None:
+    os.truncate(good, good.stat().st_size - 1)
+    with pytest.raises(CheckpointError) as caught:
+        read_header(good)
+    assert caught.value.reason == "truncated"
+    assert "truncated?" in caught.value.message
+
+
+def test_file_shorter_than_length_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"\x10\x00")
+    assert _reason(path) == "truncated"
+
+
+def test_header_cut_short_is_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b'{"a":')
+    assert _reason(path) == "truncated"
+
+
+def test_trailing_bytes_are_corrupt(good: Path) -> None:
+    with open(good, "ab") as file:
+        file.write(b"\0" * 8)
+    assert _reason(good) == "corrupt_header"
+
+
+def test_absurd_header_length(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 60) + b"{}" + b"\0" * 64)
+    assert _reason(path) == "corrupt_header"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe{}", b'{"a":1,"a":2}'])
+def test_garbage_json(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    assert _reason(path) == "corrupt_header"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]},
+        {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0]},
+        {"dtype": "F32", "shape": [1]},
+        "not an object",
+    ],
+)
+def test_bad_entry(tmp_path: Path, entry: object) -> None:
+    path = _raw_file(tmp_path / "x.safetensors", {"t": entry}, b"\0" * 4)
+    assert _reason(path) == "corrupt_header"
+
+
+def test_bad_metadata(tmp_path: Path) -> None:
+    header = {"__metadata__": {"n": 1}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}
+    assert _reason(_raw_file(tmp_path / "x.safetensors", header, b"\0")) == "corrupt_header"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [([0, 8], [4, 12]), ([0, 8], [12, 20]), ([4, 12], [12, 20])],
+    ids=["overlap", "gap", "not-starting-at-zero"],
+)
+def test_offsets_must_be_contiguous(tmp_path: Path, first: list, second: list) -> None:
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": first},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": second},
+    }
+    end = max(first[1], second[1])
+    path = _raw_file(tmp_path / "x.safetensors", header, b"\0" * end)
+    assert _reason(path) == "corrupt_header"
+
+
+def test_nbytes_must_match_shape(tmp_path: Path) -> None:
+    header = {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}
+    path = _raw_file(tmp_path / "x.safetensors", header, b"\0" * 8)
+    with pytest.raises(CheckpointError) as caught:
+        read_header(path)
+    assert caught.value.reason == "corrupt_header"
+    assert "needs 12" in caught.value.message
+
+
+def test_missing_file_is_rotation(tmp_path: Path) -> None:
+    assert _reason(tmp_path / "gone.safetensors") == "rotated"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_unreadable_file(good: Path) -> None:
+    good.chmod(0)
+    try:
+        assert _reason(good) == "permission"
+    finally:
+        good.chmod(0o644)
+
+
+def test_permission_denied_maps_to_permission(good: Path, monkeypatch) -> None:
+    """Runs as root too: the OS refusal is simulated where chmod cannot produce it."""
+
+    def refuse(path: object, flags: int) -> int:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", refuse)
+    assert _reason(good) == "permission"
+
+
+def test_directory_is_io_error(tmp_path: Path) -> None:
+    assert _reason(tmp_path) == "io"
+
+
+def test_dtype_codes_round_trip() -> None:
+    for code, dtype in DTYPES.items():
+        assert dtype_code(dtype) == code
+    assert dtype_code(torch.bfloat16) == "BF16"
+    with pytest.raises(ValueError):
+        dtype_code(torch.complex128)

@@ -1,0 +1,104 @@
+"""SafetensorsFile reads exactly what safetensors' own reader reads, and notices files shrinking."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from relexd.errors import CheckpointError
+from relexd.io.safetensors_file import SafetensorsFile, read_header
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(5, 7, generator=generator),
+        "bf16": torch.randn(3, 11, generator=generator).to(torch.bfloat16),
+        "f16": torch.randn(13, generator=generator).to(torch.float16),
+        "i64": torch.arange(-20, 20, dtype=torch.int64).reshape(4, 10),
+        "u8": torch.arange(0, 250, 7, dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(2, 0, dtype=torch.bfloat16),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(tensors, file)
+    return file
+
+
+def _reference(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as file:
+        return {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+
+
+def test_read_equals_safe_open(path: Path) -> None:
+    reference = _reference(path)
+    with SafetensorsFile(path) as file:
+        assert sorted(file.names()) == sorted(reference)
+        for name, expected in reference.items():
+            got = file.read(name)
+            assert got.dtype == expected.dtype, name
+            assert got.shape == expected.shape, name
+            assert torch.equal(got, expected), name
+
+
+def test_read_range_equals_flattened_slices(path: Path) -> None:
+    reference = _reference(path)
+    with SafetensorsFile(path) as file:
+        for name in ("f32", "bf16", "f16", "i64", "u8"):
+            flat = reference[name].reshape(-1)
+            for start, stop in ((0, 1), (3, 9), (0, flat.numel()), (flat.numel(), flat.numel())):
+                got = file.read_range(name, start, stop)
+                assert got.dtype == flat.dtype
+                assert torch.equal(got, flat[start:stop]), (name, start, stop)
+        with pytest.raises(ValueError):
+            file.read_range("f32", 30, 36)
+        with pytest.raises(KeyError):
+            file.read("nope")
+
+
+def test_read_returns_owned_writable_tensors(path: Path) -> None:
+    with SafetensorsFile(path) as file:
+        first = file.read("f32")
+        first.zero_()
+        assert not torch.equal(file.read("f32"), first)
+
+
+def test_truncated_after_validation(path: Path) -> None:
+    with SafetensorsFile(path) as file:
+        last = max(file.header.tensors.values(), key=lambda info: info.end)
+        os.truncate(path, last.start + 1)
+        with pytest.raises(CheckpointError) as caught:
+            file.read(last.name)
+        assert caught.value.reason == "truncated"
+        assert caught.value.path == path
+
+
+def test_given_header_is_checked_against_size(path: Path) -> None:
+    header = read_header(path)
+    os.truncate(path, header.file_size - 2)
+    with pytest.raises(CheckpointError) as caught:
+        SafetensorsFile(path, header)
+    assert caught.value.reason == "truncated"
+
+
+def test_replaced_file_still_reads_validated_inode(path: Path, tmp_path: Path) -> None:
+    expected = _reference(path)["f32"]
+    with SafetensorsFile(path) as file:
+        other = tmp_path / "other.safetensors"
+        save_file({"f32": torch.zeros(5, 7)}, other)
+        os.replace(other, path)
+        assert torch.equal(file.read("f32"), expected)
+
+
+def test_closed_file_refuses_reads(path: Path) -> None:
+    file = SafetensorsFile(path)
+    file.close()
+    with pytest.raises(ValueError):
+        file.read("f32")
