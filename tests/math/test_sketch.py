@@ -1,0 +1,101 @@
+"""The streaming estimators against a plain batch SVD of the same deltas."""
+
+import pytest
+import torch
+
+from relexd.engine.config import DEFAULT_RANK
+from relexd.math.sketch import SmallState, update_in_memory
+
+
+def trajectory(d: int, steps: list[float], noise: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    return torch.stack(
+        [0.1 * s * u + noise * torch.randn(d, generator=g, dtype=torch.float64) for s in steps]
+    )
+
+
+def batch_top(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: top right singular vector (sign: newest coefficient ≥ 0), coefficients, σ."""
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    v = vh[0]
+    c = x @ v
+    if c[-1] < 0:
+        v, c = -v, -c
+    return v, c, s
+
+
+def stream(x: torch.Tensor, estimator: str, width: int, chunk_rows: int | None = None):
+    small, q = SmallState.empty(), torch.zeros(x.shape[1], width)
+    for row in x:
+        small, q = update_in_memory(estimator, small, q, row.to(torch.float32), width, chunk_rows)
+    return small, q
+
+
+STEPS = [1, 2, 3, 5, 8, 9, 12, 15, 20, 21, 25, 30]
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.01, 0.2])
+def test_brand_equals_batch_svd_while_nothing_is_truncated(noise: float) -> None:
+    x = trajectory(3000, STEPS, noise)
+    v_ref, c_ref, s_ref = batch_top(x.float().double())
+    small, q = stream(x, "brand", width=len(STEPS), chunk_rows=700)
+    v = q[:, 0].double()
+    assert torch.allclose(v, v_ref, rtol=0, atol=1e-5 * v_ref.abs().max())
+    assert (small.coefficients - c_ref).norm() / c_ref.norm() < 1e-5
+    assert abs(small.sigma[0] - s_ref[0]) / s_ref[0] < 1e-5
+    # exact squared norms are kept whatever the rank
+    assert torch.allclose(small.sqnorms, (x.float().double() ** 2).sum(1), rtol=1e-10)
+
+
+def test_default_rank_tracks_batch_direction_at_high_energy() -> None:
+    steps = list(range(2, 82, 2))  # 40 checkpoints, far more than the default rank
+    for noise, seed in [(0.004, 1), (0.008, 2), (0.011, 3)]:
+        x = trajectory(4000, steps, noise, seed)
+        v_ref, c_ref, s_ref = batch_top(x)
+        energy = float(s_ref[0] ** 2 / (s_ref**2).sum())
+        assert energy >= 0.9
+        small, q = stream(x, "brand", width=DEFAULT_RANK)
+        v = q[:, 0].double()
+        assert abs(float(v @ v_ref)) / float(v.norm()) >= 0.999, (noise, energy)
+        assert (small.coefficients - c_ref).norm() / c_ref.norm() < 0.01
+
+
+def test_chunking_changes_nothing() -> None:
+    x = trajectory(1000, STEPS, 0.05)
+    a_small, a_q = stream(x, "brand", 3)
+    b_small, b_q = stream(x, "brand", 3, chunk_rows=97)
+    assert torch.allclose(a_q, b_q, atol=1e-6)
+    assert torch.allclose(a_small.z, b_small.z, atol=1e-9)
+
+
+def test_sketch_basis_stays_orthonormal_over_many_updates() -> None:
+    x = trajectory(500, list(range(1, 401)), 0.05)
+    _, q = stream(x, "brand", 4)
+    gram = q.double().T @ q.double()
+    assert torch.allclose(gram, torch.eye(4, dtype=torch.float64), atol=1e-5)
+
+
+def test_oja_finds_a_clean_direction_and_lags_brand_under_noise() -> None:
+    x = trajectory(3000, STEPS, 0.003)
+    v_ref, _, _ = batch_top(x)
+    _, q = stream(x, "oja", 1)
+    v = q[:, 0].double()
+    assert abs(float(v @ v_ref)) / float(v.norm()) > 0.999
+    assert abs(float(v.norm()) - 1) < 1e-5  # Oja keeps a unit vector
+
+
+def test_zero_deltas_give_no_direction() -> None:
+    x = torch.zeros(3, 50, dtype=torch.float64)
+    for est in ("brand", "oja"):
+        small, q = stream(x, est, 2 if est == "brand" else 1)
+        assert small.rank == 0
+        assert small.energy == 0.0
+        assert torch.count_nonzero(q) == 0
+
+
+def test_direction_sign_makes_newest_coefficient_non_negative() -> None:
+    x = -trajectory(200, STEPS[:5], 0.0)
+    small, _ = stream(x, "brand", 2)
+    assert small.coefficients[-1] >= 0
