@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -47,7 +48,7 @@ def parse_horizons(text: str) -> tuple[float, ...]:
 
 def fail(exc: Exception) -> typer.Exit:
     """Print an expected error as one line (no traceback) and return the exit to raise."""
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -98,7 +99,7 @@ def extrapolate(
         )
     if base is None:
         base, refs = refs[0].weights, refs[1:]
-        err.print(f"no --base given: using the earliest checkpoint {base} as θ₀", highlight=False)
+        err.print(f"no --base given: using the earliest checkpoint {escape(str(base))} as θ₀", highlight=False)
         if not refs:
             raise fail(RelexdError(f"{run_dir}: need at least one checkpoint after the base"))
 
@@ -144,7 +145,7 @@ def _ingest_all(engine: Engine, refs: list, skip_bad: bool) -> int:
                 if not skip_bad:
                     raise
                 failed += 1
-                err.print(f"[yellow]skipped:[/] {exc}", highlight=False, soft_wrap=True)
+                err.print(f"[yellow]skipped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return failed
 
 

@@ -38,8 +38,9 @@ from relexd.math.fit import fit_line
 from relexd.math.sketch import SmallState, make_update
 from relexd.state.store import AnchorFiles, Snapshot, StateStore, StateWriteError
 
-#: Elements per chunk: 16 MiB of float32; big enough for fast BLAS, small against any real tensor.
-CHUNK_ELEMS = 1 << 22
+#: Elements per chunk: 4 MiB of float32 — big enough for fast BLAS, small against any real tensor,
+#: and small enough that the float64 temporaries of a chunk stay a few tens of MB.
+CHUNK_ELEMS = 1 << 20
 
 #: Non-weight files copied from the newest checkpoint into previews (what a loader needs; never
 #: trainer internals such as optimizer or RNG state).
@@ -317,10 +318,9 @@ def _update_tensor(
     dots = {a: [0.0, 0.0] for a in used_anchors}  # x·v_a, x·x_a
     for i, j in spans(numel, rows):
         upd.accumulate(old_rows(i, j), x[i:j])
-        xc = x[i:j].to(torch.float64)
         for a, f in used_anchors.items():
-            dots[a][0] += float(xc @ f.read_range(f"v/{name}", i, j).to(torch.float64))
-            dots[a][1] += float(xc @ f.read_range(f"x/{name}", i, j).to(torch.float64))
+            dots[a][0] += float(torch.dot(x[i:j], f.read_range(f"v/{name}", i, j).to(torch.float32)))
+            dots[a][1] += float(torch.dot(x[i:j], f.read_range(f"x/{name}", i, j).to(torch.float32)))
     if upd.needs_residual_pass:
         for i, j in spans(numel, rows):
             upd.accumulate_residual(old_rows(i, j), x[i:j])
@@ -347,16 +347,18 @@ def _update_tensor(
         q_old = old_rows(i, j)
         q_new = upd.new_rows(q_old, x[i:j])
         sketch.append(name, q_new)
-        v_old64, v_new64 = q_old[:, 0].to(torch.float64), q_new[:, 0].to(torch.float64)
-        vv_old += float(v_old64 @ v_old64)
-        vv_new += float(v_new64 @ v_new64)
-        v_cross += float(v_old64 @ v_new64)
+        v_old, v_new = q_old[:, 0], q_new[:, 0]
+        vv_old += float(torch.dot(v_old, v_old))
+        vv_new += float(torch.dot(v_new, v_new))
+        v_cross += float(torch.dot(v_old, v_new))
         if anchor_v is not None and anchor_x is not None:
-            va, xa = q_new[:, 0].to(adt), x[i:j].to(adt)
+            va, xa = v_new.to(adt), x[i:j].to(adt)
             anchor_v.append(f"v/{name}", va)
             anchor_x.append(f"x/{name}", xa)
-            a_vsq += float(va.to(torch.float64) @ va.to(torch.float64))
-            a_xsq += float(xa.to(torch.float64) @ xa.to(torch.float64))
+            # norms of the values as stored, so that the forecast uses exactly the anchor's vectors
+            va32, xa32 = va.to(torch.float32), xa.to(torch.float32)
+            a_vsq += float(torch.dot(va32, va32))
+            a_xsq += float(torch.dot(xa32, xa32))
 
     drift = None
     if vv_old > 0.0 and vv_new > 0.0:

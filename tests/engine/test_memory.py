@@ -1,0 +1,60 @@
+"""Ingestion streams tensor by tensor: peak RSS is bounded by the largest tensor, not the model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from relexd.io.safetensors_file import StreamingSafetensorsWriter
+
+LARGEST = 8_000_000  # elements: 32 MB in float32
+OTHERS = 12
+OTHER = 7_700_000  # 12 × 7.7M + 8M ≈ 100M bf16 elements ≈ 200 MB per checkpoint
+MB = 1 << 20
+
+
+def write_model(path: Path, seed: int, scale: float) -> None:
+    """A ~200 MB bf16 checkpoint written tensor by tensor (the test itself must not hold it)."""
+    path.mkdir(parents=True)
+    names = {"big.weight": LARGEST} | {f"layer{i}.weight": OTHER for i in range(OTHERS)}
+    specs = {n: (torch.bfloat16, (numel,)) for n, numel in names.items()}
+    with StreamingSafetensorsWriter(path / "model.safetensors", specs, {"format": "pt"}) as w:
+        for i, (name, numel) in enumerate(names.items()):
+            g = torch.Generator().manual_seed(i)
+            base = torch.randn(numel, generator=g)
+            g2 = torch.Generator().manual_seed(1000 + i)
+            w.append(name, (base + scale * torch.randn(numel, generator=g2)).to(torch.bfloat16))
+
+
+PROBE = textwrap.dedent(
+    """
+    import resource, sys
+    from pathlib import Path
+    from relexd.engine import Engine, EngineConfig
+
+    root = Path(sys.argv[1])
+    engine = Engine(root / "state", root / "base", EngineConfig())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for step in (1, 2, 3):
+        engine.ingest(root / f"ckpt{step}", step)
+    engine.write_preview(10, root / "previews")
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(before * 1024, after * 1024)
+    """
+)
+
+
+def test_peak_rss_is_bounded_by_the_largest_tensor(tmp_path: Path) -> None:
+    write_model(tmp_path / "base", 0, 0.0)
+    for step in (1, 2, 3):
+        write_model(tmp_path / f"ckpt{step}", 0, 0.01 * step)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
+    before, after = (int(v) for v in out.stdout.split())
+    growth = after - before
+    largest_f32 = LARGEST * 4
+    # a fixed allowance for chunk temporaries and allocator slack, well below one checkpoint (200 MB)
+    assert growth < 2 * largest_f32 + 48 * MB, f"peak RSS grew by {growth / MB:.0f} MB"
