@@ -1,0 +1,235 @@
+"""Typer commands ``watch`` and ``status``; :func:`register` adds them to relexd's app.
+
+Every option reads ``RELEXD_<NAME>`` from the environment, and ``--config FILE.toml``
+(``RELEXD_CONFIG``) supplies defaults keyed by option name. Precedence, highest first: command
+line, environment, config file, built-in default — click's own order for ``default_map``, which
+the eager ``--config`` callback fills before any other option is resolved.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from relexd.daemon.config import WatchSettings, default_state_dir, load_toml, parse_list
+from relexd.daemon.logs import setup_logging
+from relexd.engine.config import DEFAULT_RANK, EngineConfig
+from relexd.errors import ConfigError, RelexdError
+from relexd.telemetry import DEFAULT_LISTEN
+
+
+class LogFormat(enum.StrEnum):
+    auto = "auto"
+    json = "json"
+    console = "console"
+
+
+def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """Eager callback: put the TOML file's values into click's default_map."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    try:
+        values = load_toml(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    known = {p.name for p in ctx.command.params if p.name != "config"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise typer.BadParameter(
+            f"{value}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def _env(name: str) -> str:
+    return "RELEXD_" + name.upper().replace("-", "_")
+
+
+def watch(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Training run directory (may not exist yet).", envvar=_env("run_dir"))
+    ],
+    base: Annotated[
+        Path, typer.Option("--base", help="Base model θ₀ the run started from.", envvar=_env("base"))
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML file of option defaults (keys = option names).",
+            envvar=_env("config"),
+            is_eager=True,
+            callback=_load_config,
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="State directory [default: ./relexd-state].", envvar=_env("state_dir"))
+    ] = None,
+    preview_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where previews go [default: STATE_DIR/previews].", envvar=_env("preview_dir")),
+    ] = None,
+    preview_ahead: Annotated[
+        str | None, typer.Option(help="R[,R…]: preview at R × the newest step.", envvar=_env("preview_ahead"))
+    ] = None,
+    preview_at: Annotated[
+        str | None,
+        typer.Option(
+            help="STEP[,STEP…]: absolute preview steps (while ahead of training).", envvar=_env("preview_at")
+        ),
+    ] = None,
+    preview_every: Annotated[
+        int, typer.Option(help="Refresh previews every N ingested checkpoints.", envvar=_env("preview_every"))
+    ] = 1,
+    preview_keep: Annotated[
+        int, typer.Option(help="Also keep the N newest superseded previews.", envvar=_env("preview_keep"))
+    ] = 0,
+    poll: Annotated[
+        bool, typer.Option(help="Use the polling observer (automatic on NFS etc.).", envvar=_env("poll"))
+    ] = False,
+    poll_interval: Annotated[
+        float, typer.Option(help="Polling observer interval, s.", envvar=_env("poll_interval"))
+    ] = 2.0,
+    on_preview: Annotated[
+        str | None,
+        typer.Option(
+            help="Command run after each preview; {path} {step} {target} substituted.",
+            envvar=_env("on_preview"),
+        ),
+    ] = None,
+    hook_timeout: Annotated[
+        float, typer.Option(help="Hook timeout, s.", envvar=_env("hook_timeout"))
+    ] = 3600.0,
+    reconcile_interval: Annotated[
+        float, typer.Option(help="Full rescan every S seconds.", envvar=_env("reconcile_interval"))
+    ] = 30.0,
+    debounce: Annotated[
+        float, typer.Option(help="Quiet time after file events, s.", envvar=_env("debounce"))
+    ] = 2.0,
+    estimator: Annotated[str, typer.Option(help="brand or oja.", envvar=_env("estimator"))] = "brand",
+    sketch_rank: Annotated[
+        int, typer.Option(help="Sketch rank k.", envvar=_env("sketch_rank"))
+    ] = DEFAULT_RANK,
+    window: Annotated[
+        int | None, typer.Option(help="Fit only the last W checkpoints.", envvar=_env("window"))
+    ] = None,
+    horizon: Annotated[
+        str, typer.Option(help="Forecast horizons, e.g. 2 or 2,4.", envvar=_env("horizon"))
+    ] = "2",
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT of /metrics /healthz /readyz ('' disables).", envvar=_env("listen"))
+    ] = DEFAULT_LISTEN,
+    per_tensor_metrics: Annotated[
+        bool, typer.Option(help="Export per-tensor series (many!).", envvar=_env("per_tensor_metrics"))
+    ] = False,
+    stall_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds without a checkpoint before the stall alert.", envvar=_env("stall_threshold")
+        ),
+    ] = None,
+    log_format: Annotated[
+        LogFormat, typer.Option(help="auto: console on a TTY, else JSON.", envvar=_env("log_format"))
+    ] = LogFormat.auto,
+    once: Annotated[
+        bool, typer.Option(help="Ingest what is complete, refresh previews, exit.", envvar=_env("once"))
+    ] = False,
+) -> None:
+    """Follow a training run: ingest checkpoints as they complete and keep previews ahead of it."""
+    setup_logging(log_format.value)
+    from relexd.daemon.service import WatchService  # heavy imports after option parsing
+    from relexd.telemetry import RelexdMetrics
+
+    try:
+        settings = WatchSettings(
+            run_dir=run_dir,
+            base=base,
+            state_dir=state_dir or default_state_dir(),
+            preview_dir=preview_dir,
+            preview_ahead=parse_list(preview_ahead, float, "preview-ahead"),
+            preview_at=parse_list(preview_at, int, "preview-at"),
+            preview_every=preview_every,
+            preview_keep=preview_keep,
+            poll=poll,
+            poll_interval=poll_interval,
+            on_preview=on_preview or None,
+            hook_timeout=hook_timeout,
+            reconcile_interval=reconcile_interval,
+            debounce=debounce,
+            engine=EngineConfig(
+                estimator=estimator,
+                rank=sketch_rank,
+                window=window,
+                horizons=parse_list(horizon, float, "horizon"),
+            ),
+            listen=listen or None,
+            per_tensor_metrics=per_tensor_metrics,
+            once=once,
+        )
+        metrics = RelexdMetrics(per_tensor=per_tensor_metrics)
+        if stall_threshold is not None:
+            metrics.set_stall_threshold(stall_threshold)
+        service = WatchService(settings, metrics)
+        service.open()
+    except (RelexdError, ValueError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot start: {exc}")
+    raise typer.Exit(service.run())
+
+
+def status(
+    state_dir: Annotated[
+        Path | None, typer.Option(help="State directory [default: ./relexd-state].", envvar=_env("state_dir"))
+    ] = None,
+    preview_dir: Annotated[
+        Path | None,
+        typer.Option(help="Preview directory [default: the daemon's].", envvar=_env("preview_dir")),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show observed steps, fit and confidence figures, forecasts and previews (daemon may run)."""
+    from rich.console import Console
+
+    from relexd.daemon.status import collect, render
+
+    state = state_dir or default_state_dir()
+    if not state.is_dir():
+        _fail(f"{state}: no state directory (nothing watched yet?)")
+    try:
+        info = collect(state, preview_dir)
+    except RelexdError as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+    else:
+        render(info, Console())
+
+
+def _fail(message: str) -> Any:
+    """A clear one-line error and exit status 2, no traceback (these are user errors)."""
+    click.echo(f"relexd: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``watch`` and ``status`` to ``app`` (relexd's top-level CLI)."""
+    app.command("watch")(watch)
+    app.command("status")(status)
+
+
+def main() -> None:
+    app = typer.Typer(add_completion=False, no_args_is_help=True)
+    register(app)
+    app()
+
+
+if __name__ == "__main__":
+    main()

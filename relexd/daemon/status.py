@@ -1,0 +1,97 @@
+"""``relexd status``: what the state directory says, read without the writer's lock.
+
+It reads only the published generation (:func:`relexd.state.store.read_snapshot`), so it works
+while the daemon runs and never blocks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from relexd.daemon import previews as pv
+from relexd.daemon.service import DAEMON_FILE
+from relexd.state.store import read_snapshot
+
+
+def collect(state_dir: Path, preview_dir: Path | None = None) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data (the ``--json`` output)."""
+    snap = read_snapshot(state_dir, load_small=False)
+    meta = snap.meta
+    daemon: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        daemon = json.loads((state_dir / DAEMON_FILE).read_text(encoding="utf-8"))
+    if preview_dir is None:
+        preview_dir = Path(daemon.get("preview_dir") or state_dir / "previews")
+    previews = []
+    for step, path in pv.list_previews(preview_dir):
+        generation, newest = pv.read_generation(path)
+        previews.append(
+            {"target_step": step, "path": str(path), "from_step": newest, "current": generation == snap.name}
+        )
+    history = meta.get("history", [])
+    return {
+        "state_dir": str(state_dir),
+        "generation": snap.name,
+        "base": meta.get("base", {}).get("path"),
+        "run_dir": daemon.get("run_dir"),
+        "config": meta.get("config"),
+        "observed": len(meta.get("steps", [])),
+        "steps": meta.get("steps", []),
+        "last_source": meta.get("last_source"),
+        "last_time": meta.get("last_time"),
+        "figures": meta.get("figures", {}),
+        "forecasts": meta.get("forecasts", []),
+        "last_ingest_seconds": history[-1]["seconds"] if history else None,
+        "preview_dir": str(preview_dir),
+        "previews": previews,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _steps_text(steps: list[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps)) or "none"
+    return f"{', '.join(map(str, steps[:3]))}, …, {', '.join(map(str, steps[-3:]))}"
+
+
+def render(info: dict[str, Any], console: Console) -> None:
+    """Print the status as rich tables."""
+    overview = Table(title=f"relexd state {info['state_dir']}", show_header=False)
+    overview.add_column("key", style="bold")
+    overview.add_column("value")
+    overview.add_row("base", _fmt(info["base"]))
+    overview.add_row("run dir", _fmt(info["run_dir"]))
+    overview.add_row("observed checkpoints", str(info["observed"]))
+    overview.add_row("steps", _steps_text(info["steps"]))
+    overview.add_row("newest checkpoint", _fmt(info["last_source"]))
+    for key, value in info["figures"].items():
+        overview.add_row(key.replace("_", " "), _fmt(value))
+    console.print(overview)
+    if info["forecasts"]:
+        fc = Table(title="forward-validated forecasts")
+        for col in ("horizon", "anchor step", "step", "ratio used", "error ratio", "skill"):
+            fc.add_column(col)
+        for f in info["forecasts"]:
+            fc.add_row(
+                *(_fmt(f.get(k)) for k in ("horizon", "anchor_step", "step", "ratio", "error_ratio", "skill"))
+            )
+        console.print(fc)
+    prev = Table(title=f"previews in {info['preview_dir']}")
+    for col in ("target step", "built from step", "current", "path"):
+        prev.add_column(col)
+    for p in info["previews"]:
+        prev.add_row(str(p["target_step"]), _fmt(p["from_step"]), "yes" if p["current"] else "no", p["path"])
+    console.print(prev)

@@ -1,0 +1,117 @@
+"""File system events as hints: which watchdog observer to use, and what to do with an event.
+
+Events never decide anything. They only wake the scanner early; completion is always judged by
+:func:`relexd.io.layouts.scan_run` plus validation. inotify does not see writes made by other hosts
+on network and cluster file systems, so there the polling observer is chosen automatically
+(and the periodic reconcile scan catches whatever any observer misses).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+#: File system types on which inotify misses remote writes (DESIGN.md §5).
+POLLING_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "9p"})
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as octal."""
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def fs_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the file system holding ``path`` (longest matching mount point), or None."""
+    target = os.path.realpath(Path(path).absolute())  # resolves the existing part of the path
+    best: tuple[int, str] | None = None
+    try:
+        with open(mounts, encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                point, kind = _unescape(parts[1]), parts[2]
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and (best is None or len(point) >= best[0]):
+                    best = (len(point), kind)
+    except OSError:
+        return None
+    return best[1] if best else None
+
+
+def needs_polling(kind: str | None) -> bool:
+    """True for network/cluster file systems and FUSE mounts (s3fs, gcsfuse, sshfs…)."""
+    return kind is not None and (kind in POLLING_FS or kind.startswith("fuse"))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+class HintHandler(FileSystemEventHandler):
+    """Turns every event under the run directory into one call of ``hint`` (cheap, thread-safe)."""
+
+    def __init__(self, hint: Callable[[str], None], run_dir: Path) -> None:
+        self._hint = hint
+        self._run_dir = str(run_dir.absolute())
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # our own reads must not wake us up
+        src = os.fsdecode(event.src_path)
+        if src.startswith(self._run_dir) or self._run_dir.startswith(src):
+            self._hint(src)
+
+
+class RunWatcher:
+    """Watches a run directory that may not exist yet.
+
+    While it is missing, its nearest existing ancestor is watched (not recursively) so its
+    creation is noticed; then the run directory itself is watched recursively.
+    """
+
+    def __init__(
+        self, run_dir: Path, hint: Callable[[str], None], *, poll: bool, poll_interval: float
+    ) -> None:
+        self.run_dir = run_dir.absolute()
+        self.kind = fs_type(self.run_dir)
+        self.polling = poll or needs_polling(self.kind)
+        self.observer: BaseObserver = PollingObserver(timeout=poll_interval) if self.polling else Observer()
+        self._handler = HintHandler(hint, self.run_dir)
+        self._lock = threading.Lock()
+        self._recursive = False
+
+    def start(self) -> None:
+        self.ensure_watch()
+        self.observer.start()
+
+    def ensure_watch(self) -> None:
+        """Watch the run directory recursively once it exists (called after every scan)."""
+        with self._lock:
+            if self._recursive:
+                return
+            if self.run_dir.is_dir():
+                self.observer.unschedule_all()
+                self.observer.schedule(self._handler, str(self.run_dir), recursive=True)
+                self._recursive = True
+            elif not self.observer.emitters:
+                where = _existing_ancestor(self.run_dir)
+                self.observer.schedule(self._handler, str(where), recursive=False)
+
+    def alive(self) -> bool:
+        return self.observer.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.observer.stop()
+        if self.observer.is_alive():
+            self.observer.join(timeout)
