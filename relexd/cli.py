@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from relexd import __version__
+from relexd.daemon.cli import register as register_daemon
 from relexd.engine import DEFAULT_RANK, Engine, EngineConfig
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.layouts import scan_run
@@ -99,7 +100,9 @@ def extrapolate(
         )
     if base is None:
         base, refs = refs[0].weights, refs[1:]
-        err.print(f"no --base given: using the earliest checkpoint {escape(str(base))} as θ₀", highlight=False)
+        err.print(
+            f"no --base given: using the earliest checkpoint {escape(str(base))} as θ₀", highlight=False
+        )
         if not refs:
             raise fail(RelexdError(f"{run_dir}: need at least one checkpoint after the base"))
 
@@ -186,6 +189,9 @@ def coefficient_scale(meta: dict, target: int) -> float:
             num += rec["energy"] * (rec["alpha"] + rec["beta"] * target) / rec["last_coef"]
             den += rec["energy"]
     return num / den if den else 0.0
+
+
+register_daemon(app)
 
 
 def main() -> None:

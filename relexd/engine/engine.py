@@ -13,6 +13,7 @@ from typing import Any
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
 from relexd.engine.ingest import IngestReport, ingest
+from relexd.engine.memory import pin_mmap_threshold
 from relexd.engine.preview import write_preview
 from relexd.errors import StateError
 from relexd.io.reader import open_weights
@@ -23,6 +24,7 @@ class Engine:
     """Owns one state directory (exclusively, by lock) and the base model θ₀."""
 
     def __init__(self, state_dir: Path, base_path: Path, config: EngineConfig) -> None:
+        pin_mmap_threshold()
         self.state_dir = Path(state_dir)
         self.config = config
         self.store = StateStore(self.state_dir)

@@ -62,6 +62,11 @@ AUX_FILES = (
 )
 AUX_MAX_BYTES = 64 << 20
 
+#: Per-checkpoint history entries kept in the state (figures, forecasts, timings). Bounded so that a
+#: run of many thousand checkpoints keeps a constant-size meta.json and constant daemon memory; the
+#: full series lives in Prometheus.
+HISTORY_LIMIT = 1000
+
 
 class Interrupted(RelexdError):
     """The caller asked to stop; the half-done generation was abandoned."""
@@ -118,11 +123,15 @@ def check_compatible(base: BaseModel, ckpt: WeightReader, meta: dict[str, Any]) 
 
 
 def read_delta(base: BaseModel, ckpt: WeightReader, name: str) -> torch.Tensor:
-    """x = θ_s − θ₀ for one tensor, flattened float32, checked finite."""
+    """x = θ_s − θ₀ for one tensor, flattened float32, checked finite.
+
+    Read chunk by chunk into one float32 buffer, so a bf16 tensor never exists twice in memory.
+    """
     info = ckpt.info(name)
-    x = ckpt.read(name).reshape(-1).to(torch.float32)
-    for i, j in spans(x.numel(), CHUNK_ELEMS):
+    x = torch.empty(info.numel, dtype=torch.float32)
+    for i, j in spans(info.numel, CHUNK_ELEMS):
         part = x[i:j]
+        part.copy_(ckpt.read_range(name, i, j))
         if not torch.isfinite(part).all():
             bad = int((~torch.isfinite(part)).nonzero()[0]) + i
             raise CheckpointError(
@@ -410,7 +419,7 @@ def _next_meta(
         for name in ckpt.names()
     }
     now = time.time()
-    history = list(meta.get("history", []))
+    history = list(meta.get("history", []))[-(HISTORY_LIMIT - 1) :]
     history.append(
         {
             "step": step,

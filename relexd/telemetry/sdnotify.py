@@ -62,7 +62,9 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(state.encode())
+            # never block the main loop on a receiver that does not read: a full queue drops the
+            # datagram (logged below) instead of freezing the daemon and its signal handling
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
     except OSError as exc:
         log.warning("sd_notify(%r) to %r failed: %s", state, raw, exc)
         return False
