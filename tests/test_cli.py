@@ -32,8 +32,18 @@ def run(tmp_path: Path) -> Path:
 
 
 def test_extrapolate_writes_previews_and_summary(run: Path) -> None:
-    res = relexd("extrapolate", str(run / "run"), "--base", str(run / "base"), "--target", "80,120",
-                 "--out", str(run / "out"), "--upto", "30")
+    res = relexd(
+        "extrapolate",
+        str(run / "run"),
+        "--base",
+        str(run / "base"),
+        "--target",
+        "80,120",
+        "--out",
+        str(run / "out"),
+        "--upto",
+        "30",
+    )
     assert res.returncode == 0, res.stderr
     assert "rank-1 energy ratio" in res.stdout and "fit R²" in res.stdout
     for t in (80, 120):
@@ -96,8 +106,16 @@ def plant_nan(path: Path) -> None:
 )
 def test_bad_checkpoint_is_a_clear_error(run: Path, damage, file_shown: str, words: str) -> None:
     damage(run / "run" / "checkpoint-30" / "model.safetensors")
-    res = relexd("extrapolate", str(run / "run"), "--base", str(run / "base"), "--target", "80",
-                 "--out", str(run / "out"))
+    res = relexd(
+        "extrapolate",
+        str(run / "run"),
+        "--base",
+        str(run / "base"),
+        "--target",
+        "80",
+        "--out",
+        str(run / "out"),
+    )
     assert res.returncode == 1
     assert "Traceback" not in res.stderr + res.stdout
     assert f"checkpoint-30/{file_shown}" in res.stderr
@@ -107,8 +125,17 @@ def test_bad_checkpoint_is_a_clear_error(run: Path, damage, file_shown: str, wor
 
 def test_skip_bad_continues_and_reports_failure(run: Path) -> None:
     plant_nan(run / "run" / "checkpoint-30" / "model.safetensors")
-    res = relexd("extrapolate", str(run / "run"), "--base", str(run / "base"), "--target", "80",
-                 "--out", str(run / "out"), "--skip-bad")
+    res = relexd(
+        "extrapolate",
+        str(run / "run"),
+        "--base",
+        str(run / "base"),
+        "--target",
+        "80",
+        "--out",
+        str(run / "out"),
+        "--skip-bad",
+    )
     assert res.returncode == 1  # something was skipped: say so in the exit code
     manifest = json.loads((run / "out" / "step-80" / "relexd-preview.json").read_text())
     assert manifest["observed_steps"] == [10, 20, 40]

@@ -19,8 +19,13 @@ TARGET = 150
 
 def tiny_qwen2(tie: bool = True):
     config = transformers.Qwen2Config(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
     torch.manual_seed(0)
@@ -92,9 +97,7 @@ def test_sharded_source_gives_sharded_preview_with_valid_index(tmp_path: Path) -
     assert index["weight_map"] == source_index["weight_map"]
     shards = set(index["weight_map"].values())
     assert shards == {p.name for p in preview.glob("model-*.safetensors")}
-    assert index["metadata"]["total_size"] == sum(
-        v.numel() * v.element_size() for v in theta0.values()
-    )
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in theta0.values())
     check_loads_and_predicts(preview, theta0)
 
 
