@@ -74,6 +74,9 @@ def extrapolate(
         int | None, typer.Option(help="Fit the line to the last W coefficients only (direction uses all).")
     ] = None,
     horizon: Annotated[str, typer.Option(help="Forecast-validation horizons, e.g. 2 or 2,4.")] = "2",
+    anchor_dtype: Annotated[
+        str, typer.Option(help="Storage of forecast anchors: bfloat16 (half the disk) or float32 (exact).")
+    ] = "bfloat16",
     state_dir: Annotated[
         Path | None,
         typer.Option(help="Keep the streaming state here (resumable); default: a temporary directory."),
@@ -87,7 +90,11 @@ def extrapolate(
     targets = parse_steps(target)
     try:
         config = EngineConfig(
-            estimator=estimator, rank=sketch_rank, window=window, horizons=parse_horizons(horizon)
+            estimator=estimator,
+            rank=sketch_rank,
+            window=window,
+            horizons=parse_horizons(horizon),
+            anchor_dtype=anchor_dtype,
         )
         refs = [r for r in scan_run(run_dir).complete if upto is None or r.step <= upto]
     except RelexdError as exc:

@@ -123,6 +123,13 @@ def watch(
     horizon: Annotated[
         str, typer.Option(help="Forecast horizons, e.g. 2 or 2,4.", envvar=_env("horizon"))
     ] = "2",
+    anchor_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Storage of forecast anchors: bfloat16 (half the disk) or float32 (exact).",
+            envvar=_env("anchor_dtype"),
+        ),
+    ] = "bfloat16",
     listen: Annotated[
         str, typer.Option(help="HOST:PORT of /metrics /healthz /readyz ('' disables).", envvar=_env("listen"))
     ] = DEFAULT_LISTEN,
@@ -168,6 +175,7 @@ def watch(
                 rank=sketch_rank,
                 window=window,
                 horizons=parse_list(horizon, float, "horizon"),
+                anchor_dtype=anchor_dtype,
             ),
             listen=listen or None,
             per_tensor_metrics=per_tensor_metrics,
