@@ -43,11 +43,29 @@ class Planted:
         """The noise-free θ_step in float64 (ground truth of a preview)."""
         return {n: self.base[n].double() + (self.a + self.b * step) * self.directions[n] for n in self.base}
 
+    turn_at: float | None = None  # from this step on the motion continues along turn_dirs
+    turn_dirs: dict[str, torch.Tensor] | None = None
+
+    def turn(self, at: float, seed: int = 7) -> Planted:
+        """From step ``at`` on, move at the same speed along a direction ⟂ u (a 90° turn): the
+        straight line stops holding, and forecasts made before the turn lose their skill once the
+        new leg is longer than their anchor's distance to the turn."""
+        g = torch.Generator().manual_seed(seed)
+        self.turn_dirs = {}
+        for name, u in self.directions.items():
+            w = torch.randn(u.shape, generator=g, dtype=torch.float64)
+            w -= (w * u).sum() * u
+            self.turn_dirs[name] = w / w.norm()
+        self.turn_at = at
+        return self
+
     def at(self, step: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 100003 + step)
         out = {}
         for n, t in self.exact(step).items():
             eps = torch.randn(t.shape, generator=g, dtype=torch.float64) * self.noise
+            if self.turn_at is not None and self.turn_dirs is not None and step > self.turn_at:
+                t = t + self.b * (step - self.turn_at) * (self.turn_dirs[n] - self.directions[n])
             out[n] = (t + eps).to(self.base[n].dtype)
         return out
 
