@@ -16,6 +16,7 @@ from rich.table import Table
 
 from relexd import __version__
 from relexd.daemon.cli import register as register_daemon
+from relexd.demo.cli import register as register_demo
 from relexd.engine import DEFAULT_RANK, Engine, EngineConfig
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.layouts import scan_run
@@ -199,6 +200,7 @@ def coefficient_scale(meta: dict, target: int) -> float:
 
 
 register_daemon(app)
+register_demo(app)
 
 
 def main() -> None:

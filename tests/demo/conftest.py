@@ -1,7 +1,7 @@
-"""Shared fixtures: one warm-up (SFT) base model per test session.
+"""Shared fixtures: one small warm-up (SFT) base model per test session.
 
-The warm-up is the expensive part of a demo run; tests copy the cached ``base/`` into fresh run
-dirs, which :func:`relexd.demo.train.train_run` reuses instead of retraining.
+The default warm-up is seconds to a minute of CPU; tests only need *a* deterministic base, so they
+use a tiny budget (:data:`TEST_SFT_STEPS`), keeping the whole demo suite within its time budget.
 """
 
 from __future__ import annotations
@@ -13,13 +13,17 @@ import pytest
 
 from relexd.demo.train import BASE_DIR_NAME, configure_torch, sft_warmup
 
+#: Warm-up budget for tests: enough to make a real (if weak) model, small enough to take ~1 s.
+TEST_SFT_STEPS = 20
+TEST_SFT_BATCH = 64
+
 
 @pytest.fixture(scope="session")
 def cached_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directory holding the default (seed 0) warm-up model."""
-    configure_torch(2)
+    """Directory holding a tiny-budget (seed 0) warm-up model."""
+    configure_torch(1)
     d = tmp_path_factory.mktemp("base") / BASE_DIR_NAME
-    sft_warmup(0).save_pretrained(d)
+    sft_warmup(0, steps=TEST_SFT_STEPS, batch_size=TEST_SFT_BATCH).save_pretrained(d)
     return d
 
 

@@ -1,0 +1,478 @@
+"""``relexd demo``: a real RL run with the real daemon watching it, then an honest score table.
+
+What runs: the demo trains the embedded policy (:mod:`relexd.demo.train`) in this process, with one
+torch thread, writing a Hugging Face-style checkpoint per step into ``DIR/run``; meanwhile
+``python -m relexd watch`` runs as a SUBPROCESS on that directory — the production code path, with
+its Prometheus endpoint on a free local port — and keeps previews at 2×, 3× and 6× the newest
+observed step in ``DIR/previews``. The live view reads the daemon only from the outside: its
+``/metrics`` endpoint and its published state (:func:`relexd.state.store.read_snapshot`).
+
+How the final table stays honest: the question is "having observed only the first K steps, how
+good is relexd's preview of step 2K / 3K / 6K?". When training reaches step K (``--observe-fraction``
+of the run) the trainer WAITS until the daemon has ingested checkpoint K and published its previews
+for 2K, 3K and 6K (their manifests name K as the newest observed step); those previews are copied
+to ``DIR/observed-previews`` and training resumes. Nothing after step K can have influenced them.
+At the end every preview, the truly trained checkpoint at the same step and the last observed
+checkpoint K are scored with the training reward on held-out prompts
+(:func:`relexd.demo.evaluate.score_checkpoint`), next to the forecast skill the daemon reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from relexd.demo import train
+from relexd.demo.evaluate import score_checkpoint
+from relexd.engine.preview import MANIFEST
+from relexd.state.store import read_snapshot
+
+#: Previews kept ahead of training, as multiples of the newest observed step (issue 5, bench 5).
+HORIZONS: tuple[int, ...] = (2, 3, 6)
+DEFAULT_OBSERVE_FRACTION = 0.15
+#: Longest wait for the daemon to catch up (at the capture step and at the end), seconds.
+DAEMON_WAIT_S = 120.0
+
+
+class DemoError(RuntimeError):
+    """The demo could not complete (the daemon died or never caught up)."""
+
+
+@dataclass
+class DaemonView:
+    """What the demo last saw of the daemon, from /metrics and the published state."""
+
+    observed_step: int | None = None
+    observed_count: int = 0
+    energy: float | None = None
+    r2: float | None = None
+    drift: float | None = None
+    skill: float | None = None
+    skill_ratio: float | None = None
+    previews_written: int = 0
+    metrics_up: bool = False
+
+
+@dataclass
+class Capture:
+    """The daemon's view at the end of the observed prefix, and the previews it wrote then."""
+
+    step: int
+    view: DaemonView
+    previews: dict[int, Path] = field(default_factory=dict)
+
+
+@dataclass
+class DemoResult:
+    """Everything the final table shows."""
+
+    observed_step: int
+    steps: int
+    base_score: float
+    observed_score: float
+    rows: list[tuple[int, int, float, float | None]]  # (factor, target, preview, trained)
+    at_capture: DaemonView
+    at_end: DaemonView
+    reward_first: float
+    reward_last: float
+
+
+def free_port() -> int:
+    """A currently free local TCP port for the daemon's metrics endpoint."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """``python -m relexd watch`` as a child process, observed only through its public surfaces."""
+
+    def __init__(self, run_dir: Path, base: Path, state_dir: Path, preview_dir: Path, log_path: Path) -> None:
+        self.state_dir = state_dir
+        self.preview_dir = preview_dir
+        self.port = free_port()
+        self.log_path = log_path
+        cmd = [
+            sys.executable, "-m", "relexd", "watch", str(run_dir),
+            "--base", str(base),
+            "--state-dir", str(state_dir),
+            "--preview-dir", str(preview_dir),
+            "--preview-ahead", ",".join(str(h) for h in HORIZONS),
+            "--horizon", "2",
+            "--listen", f"127.0.0.1:{self.port}",
+            # A checkpoint lands every fraction of a second; the default 2 s quiet time would make
+            # the daemon wait for a pause that never comes.
+            "--debounce", "0.05",
+            "--reconcile-interval", "2",
+            "--log-format", "json",
+        ]  # fmt: skip
+        # One BLAS thread: the trainer has the other core (the demo's budget is 2 cores).
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def check(self) -> None:
+        """Raise if the daemon exited: the demo without it would be meaningless."""
+        if not self.alive():
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise DemoError(f"relexd watch exited with status {self.proc.returncode}:\n{tail}")
+
+    def poll(self) -> DaemonView:
+        """Scrape /metrics (figures, progress) and fall back to the state for anything missing."""
+        view = DaemonView()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+            view.metrics_up = True
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    _apply_sample(view, sample.name, sample.value)
+        except OSError:
+            pass
+        try:
+            meta = read_snapshot(self.state_dir, load_small=False).meta
+        except Exception:  # a read racing a commit: the next poll will do
+            meta = {}
+        steps = meta.get("steps") or []
+        if steps:
+            view.observed_step = max(view.observed_step or 0, int(steps[-1]))
+            view.observed_count = max(view.observed_count, len(steps))
+            figures = meta.get("figures", {})
+            view.energy = view.energy if view.energy is not None else figures.get("rank1_energy_ratio")
+            view.r2 = view.r2 if view.r2 is not None else figures.get("fit_r2")
+            view.drift = view.drift if view.drift is not None else figures.get("direction_drift")
+            for f in meta.get("forecasts", []):
+                if view.skill is None and f.get("skill") is not None:
+                    view.skill, view.skill_ratio = f["skill"], f.get("ratio")
+        return view
+
+    def wait_for(
+        self, step: int, targets: list[int] | None = None, timeout: float = DAEMON_WAIT_S
+    ) -> DaemonView:
+        """Block until the daemon has observed ``step`` (and written previews of ``targets`` from it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check()
+            view = self.poll()
+            caught_up = view.observed_step is not None and view.observed_step >= step
+            if caught_up and all(self._preview_from(t, step) for t in targets or ()):
+                return view
+            if time.monotonic() > deadline:
+                raise DemoError(f"relexd did not observe step {step} within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _preview_from(self, target: int, step: int) -> bool:
+        try:
+            doc = json.loads((self.preview_dir / f"step-{target}" / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        return int(doc.get("newest_observed_step", -1)) == step
+
+    def stop(self) -> None:
+        """SIGTERM (the daemon shuts down cleanly), SIGKILL if it lingers."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _apply_sample(view: DaemonView, name: str, value: float) -> None:
+    if name == "relexd_last_checkpoint_step":
+        view.observed_step = int(value)
+    elif name == "relexd_observed_checkpoints":
+        view.observed_count = int(value)
+    elif name == "relexd_rank1_energy_ratio":
+        view.energy = value
+    elif name == "relexd_fit_r2":
+        view.r2 = value
+    elif name == "relexd_direction_drift":
+        view.drift = value
+    elif name == "relexd_forecast_skill":
+        view.skill = value
+    elif name == "relexd_forecast_horizon_ratio":
+        view.skill_ratio = value
+    elif name == "relexd_previews_written_total":
+        view.previews_written = int(value)
+
+
+def _f(value: float | None, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+class Progress:
+    """Live view on a terminal, plain progress lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, console: Console, steps: int, observe: int, lr: float) -> None:
+        self.console = console
+        self.steps, self.observe, self.lr = steps, observe, lr
+        self.step = 0
+        self.reward: float | None = None
+        self.view = DaemonView()
+        self.note = "warming up the base model"
+        self.live: Live | None = None
+        self._every = max(1, steps // 15)
+
+    def __enter__(self) -> Progress:
+        if self.console.is_terminal:
+            self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def event(self, text: str) -> None:
+        """A one-off message (printed above the live view, or as a line)."""
+        self.note = text
+        self.console.print(text, highlight=False)
+
+    def update(self, step: int, reward: float, view: DaemonView) -> None:
+        self.step, self.reward, self.view = step, reward, view
+        if self.live is None and (step % self._every == 0 or step == self.steps):
+            self.console.print(self.line(), highlight=False)
+
+    def line(self) -> str:
+        v = self.view
+        seen = "—" if v.observed_step is None else str(v.observed_step)
+        return (
+            f"step {self.step}/{self.steps} reward {_f(self.reward)} | relexd: observed {seen} "
+            f"energy {_f(v.energy)} R² {_f(v.r2)} drift {_f(v.drift, '.4f')} "
+            f"skill {_f(v.skill, '+.3f')} previews {v.previews_written}"
+        )
+
+    def render(self) -> Group:
+        v = self.view
+        t = Table(title=f"relexd demo — RL run, lr {self.lr:g}", show_header=False, min_width=60)
+        t.add_row("training step", f"{self.step} / {self.steps}  (observed prefix ends at {self.observe})")
+        t.add_row("mean sampled reward", _f(self.reward))
+        t.add_row("relexd observed step", "—" if v.observed_step is None else str(v.observed_step))
+        t.add_row("rank-1 energy ratio", _f(v.energy))
+        t.add_row("fit R²", _f(v.r2))
+        t.add_row("direction drift", _f(v.drift, ".4f"))
+        ratio = f" (ratio {v.skill_ratio:.2f})" if v.skill_ratio else ""
+        t.add_row("forecast skill", _f(v.skill, "+.3f") + ratio)
+        endpoint = "up" if v.metrics_up else "—"
+        t.add_row("previews written", f"{v.previews_written}  (metrics endpoint {endpoint})")
+        return Group(t, Text(self.note, style="dim"))
+
+
+def run_demo(
+    workdir: Path,
+    *,
+    lr: float,
+    steps: int,
+    seed: int,
+    observe_fraction: float,
+    console: Console,
+    sft_steps: int = train.SFT_STEPS,
+    prompts_per_step: int = train.DEFAULT_PROMPTS_PER_STEP,
+    cache_dir: Path | None = None,
+) -> DemoResult:
+    """Train, watch with the real daemon, capture the prefix-only previews, score them."""
+    observe = max(2, round(observe_fraction * steps))
+    run_dir, state_dir = workdir / "run", workdir / "relexd-state"
+    preview_dir, captured_dir = workdir / "previews", workdir / "observed-previews"
+    base = run_dir / train.BASE_DIR_NAME
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train.configure_torch(1)
+
+    progress = Progress(console, steps, observe, lr)
+    with progress:
+        t0 = time.perf_counter()
+        cached = train.ensure_base(base, seed, steps=sft_steps, cache_dir=cache_dir)
+        how = "from the cache" if cached else f"by {sft_steps} supervised steps"
+        progress.event(f"base model θ₀ ready {how} in {time.perf_counter() - t0:.1f} s: {base}")
+
+        daemon = Daemon(run_dir, base, state_dir, preview_dir, workdir / "relexd-watch.log")
+        progress.event(
+            f"relexd watch running (pid {daemon.proc.pid}, metrics http://127.0.0.1:{daemon.port}/metrics)"
+        )
+        capture: Capture | None = None
+        try:
+
+            def on_step(info: train.StepInfo) -> None:
+                nonlocal capture
+                daemon.check()
+                progress.update(info.step, info.mean_reward, daemon.poll())
+                if info.step == observe:
+                    targets = [h * observe for h in HORIZONS]
+                    progress.event(f"step {observe} reached: waiting for relexd's previews made from it")
+                    view = daemon.wait_for(observe, targets)
+                    capture = Capture(observe, view)
+                    captured_dir.mkdir(parents=True, exist_ok=True)
+                    for t in targets:
+                        dest = captured_dir / f"step-{t}"
+                        shutil.copytree(preview_dir / f"step-{t}", dest, dirs_exist_ok=True)
+                        capture.previews[t] = dest
+                    progress.event(
+                        f"captured relexd's previews of steps {', '.join(map(str, targets))} made from "
+                        f"steps 1…{observe} only (energy {_f(view.energy)}, R² {_f(view.r2)}, "
+                        f"skill {_f(view.skill, '+.3f')})"
+                    )
+
+            summary = train.train_run(
+                run_dir,
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                prompts_per_step=prompts_per_step,
+                num_threads=1,
+                on_step=on_step,
+            )
+            progress.event(f"training done: {steps} steps in {summary.rl_seconds:.1f} s; waiting for relexd")
+            end_view = daemon.wait_for(steps)
+            progress.update(steps, summary.mean_rewards[-1], end_view)
+        finally:
+            daemon.stop()
+
+    assert capture is not None
+    progress.event("scoring previews and checkpoints on held-out prompts (greedy exact answer)")
+    observed_score = score_checkpoint(run_dir / f"checkpoint-{observe}")
+    rows = []
+    for h in HORIZONS:
+        t = h * observe
+        trained = score_checkpoint(run_dir / f"checkpoint-{t}") if t <= steps else None
+        rows.append((h, t, score_checkpoint(capture.previews[t]), trained))
+    k = max(1, min(10, steps // 10))
+    return DemoResult(
+        observed_step=observe,
+        steps=steps,
+        base_score=summary.sft_accuracy,
+        observed_score=observed_score,
+        rows=rows,
+        at_capture=capture.view,
+        at_end=end_view,
+        reward_first=sum(summary.mean_rewards[:k]) / k,
+        reward_last=sum(summary.mean_rewards[-k:]) / k,
+    )
+
+
+def print_result(result: DemoResult, console: Console) -> None:
+    """The final table plus a verdict that only states what the numbers show."""
+    table = Table(title=f"previews from steps 1…{result.observed_step} vs. truly trained checkpoints")
+    for col in ("horizon", "target step", "preview", "trained", f"last observed ({result.observed_step})"):
+        table.add_column(col, justify="right")
+    table.add_column("preview − trained", justify="right")
+    for h, t, preview, trained in result.rows:
+        diff = None if trained is None else preview - trained
+        table.add_row(
+            f"{h}×",
+            str(t),
+            _f(preview),
+            _f(trained) if trained is not None else "not trained",
+            _f(result.observed_score),
+            _f(diff, "+.3f"),
+        )
+    console.print(table)
+    c, e = result.at_capture, result.at_end
+    console.print(
+        f"score = greedy exact-answer accuracy on held-out prompts (base θ₀: {result.base_score:.3f}); "
+        f"mean sampled reward {result.reward_first:.3f} → {result.reward_last:.3f} over the run",
+        highlight=False,
+    )
+    console.print(
+        f"relexd at step {result.observed_step}: rank-1 energy {_f(c.energy)}, R² {_f(c.r2)}, "
+        f"forecast skill {_f(c.skill, '+.3f')}"
+        + (f" (ratio {c.skill_ratio:.2f})" if c.skill_ratio else "")
+        + f"; at step {result.steps}: energy {_f(e.energy)}, R² {_f(e.r2)}, forecast skill "
+        f"{_f(e.skill, '+.3f')}",
+        highlight=False,
+    )
+    first = result.rows[0]
+    if first[3] is not None:
+        preview, trained = first[2], first[3]
+        gain = preview - result.observed_score
+        close = abs(preview - trained) <= max(0.02, 0.25 * abs(trained - result.observed_score))
+        # Judge the captured previews by what relexd reported WHEN they were made (step K), not by
+        # the end-of-run skill, which no user deciding at step K could have seen.
+        if c.skill is None:
+            verdict = f"relexd had no forecast skill yet at step {result.observed_step}"
+        elif c.skill > 0:
+            verdict = f"relexd's skill at step {result.observed_step} was > 0 (it trusted the line)"
+        else:
+            verdict = f"relexd's skill at step {result.observed_step} was ≤ 0: it warned not to trust these"
+        console.print(
+            f"at 2×: preview {'beats' if gain > 0 else 'does not beat'} the last observed checkpoint "
+            f"({gain:+.3f}) and is {'close to' if close else 'far from'} the trained one "
+            f"({preview - trained:+.3f}); {verdict}",
+            highlight=False,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``relexd demo`` to the application."""
+
+    @app.command()
+    def demo(
+        lr: Annotated[
+            float,
+            typer.Option(help=f"RL learning rate (Adam); {train.COLLAPSE_LR:g} shows extrapolation failing."),
+        ] = train.DEFAULT_LR,
+        steps: Annotated[
+            int, typer.Option(min=10, help="RL steps (one checkpoint each).")
+        ] = train.DEFAULT_STEPS,
+        keep: Annotated[
+            Path | None, typer.Option(help="Keep the run, state, previews and logs in DIR.")
+        ] = None,
+        seed: Annotated[int, typer.Option(help="Seed of every random stream.")] = 0,
+        observe_fraction: Annotated[
+            float,
+            typer.Option(min=0.02, max=0.16, help="Fraction of the run relexd observes for the table."),
+        ] = DEFAULT_OBSERVE_FRACTION,
+        sft_steps: Annotated[int, typer.Option(hidden=True)] = train.SFT_STEPS,
+        prompts_per_step: Annotated[int, typer.Option(hidden=True)] = train.DEFAULT_PROMPTS_PER_STEP,
+    ) -> None:
+        """Train a tiny policy with RL while the real `relexd watch` follows it; then score relexd's
+        previews (made from the first steps only) against the truly trained checkpoints."""
+        console = Console()
+        workdir = keep if keep is not None else Path(tempfile.mkdtemp(prefix="relexd-demo-"))
+        if keep is not None and any(keep.iterdir() if keep.is_dir() else ()):
+            raise typer.BadParameter(f"{keep} is not empty", param_hint="--keep")
+        workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            result = run_demo(
+                workdir,
+                lr=lr,
+                steps=steps,
+                seed=seed,
+                observe_fraction=observe_fraction,
+                console=console,
+                sft_steps=sft_steps,
+                prompts_per_step=prompts_per_step,
+            )
+            print_result(result, console)
+        except DemoError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        finally:
+            if keep is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        where = f"; kept in {workdir}" if keep is not None else ""
+        console.print(f"demo finished in {time.perf_counter() - t0:.0f} s{where}", highlight=False)
