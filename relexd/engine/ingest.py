@@ -24,7 +24,7 @@ from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.reader import WeightReader
-from relexd.io.safetensors_file import SafetensorsFile, StreamingSafetensorsWriter, dtype_code
+from relexd.io.safetensors_file import StreamingSafetensorsWriter, dtype_code
 from relexd.math.confidence import (
     ForecastSums,
     TensorFigures,
@@ -36,7 +36,7 @@ from relexd.math.confidence import (
 )
 from relexd.math.fit import fit_line
 from relexd.math.sketch import SmallState, make_update
-from relexd.state.store import AnchorFiles, Snapshot, StateStore, StateWriteError
+from relexd.state.store import Snapshot, StateStore, StateWriteError, Transaction
 
 #: Elements per chunk: 4 MiB of float32 — big enough for fast BLAS, small against any real tensor,
 #: and small enough that the float64 temporaries of a chunk stay a few tens of MB.
@@ -181,106 +181,26 @@ def ingest(
         if alias in ckpt.names():
             check_tie(base, ckpt, alias)
 
-    new_steps = [*steps, step]
-    observed = len(new_steps)
-    step_tensor = torch.tensor(new_steps, dtype=torch.float64)
-    anchor_recs: list[dict[str, Any]] = list(meta.get("anchors", []))
-    anchor_steps = [a["step"] for a in anchor_recs]
-    used = {h: choose_anchor(anchor_steps, step, h) for h in config.horizons}
-    used_anchors = {a: snapshot.anchor(a) for a in set(used.values()) if a is not None}
-    sums = {h: ForecastSums() for h, a in used.items() if a is not None}
-    make_anchor = is_anchor_count(observed)
-    width = config.width
-    names = base.tracked
-    numels = {n: base.reader.info(n).numel for n in names}
-
     txn = store.begin(snapshot)
-    old_sketch = snapshot.sketch()
-    bytes_read = 0
+    work = CheckpointPass(snapshot, base, step, config)
     try:
-        sketch = txn.sketch_writer({n: (torch.float32, (numels[n], width)) for n in names})
-        anchor_v = anchor_x = None
-        if make_anchor:
-            adt = config.anchor_torch_dtype
-            anchor_v = txn.anchor_writer(step, {f"v/{n}": (adt, (numels[n],)) for n in names}, "v")
-            anchor_x = txn.anchor_writer(step, {f"x/{n}": (adt, (numels[n],)) for n in names}, "x")
-        smalls: dict[str, SmallState] = {}
-        per_tensor: dict[str, dict[str, Any]] = {}
-        anchor_tensors: dict[str, list[float]] = {}
-        for name in names:
+        work.open_writers(txn)
+        for name in base.tracked:
             if should_stop():
                 raise Interrupted(f"stopped before tensor {name!r} of step {step}")
             x = read_delta(base, ckpt, name)
-            bytes_read += ckpt.info(name).numel * ckpt.info(name).dtype.itemsize
-            bytes_read += numels[name] * base.reader.info(name).dtype.itemsize
-            small, rec, anchor_rec = _update_tensor(
-                name,
-                x,
-                snapshot.small(name),
-                old_sketch,
-                sketch,
-                anchor_v,
-                anchor_x,
-                used_anchors,
-                anchor_recs,
-                used,
-                sums,
-                step_tensor,
-                step,
-                config,
-            )
-            bytes_read += numels[name] * width * 4 * (2 if old_sketch is not None else 0)
-            smalls[name] = small
-            per_tensor[name] = rec
-            if anchor_rec is not None:
-                anchor_tensors[name] = anchor_rec
+            work.bytes_read += ckpt.info(name).numel * ckpt.info(name).dtype.itemsize
+            work.update_tensor(name, x)
             del x
             if on_tensor is not None:
-                on_tensor(name, numels[name])
-
-        figures = model_figures(
-            TensorFigures(r["energy"], r["sigma1_sq"], r["r2"], r["drift"]) for r in per_tensor.values()
-        ).as_dict()
-        forecasts = []
-        for h, a in sorted(used.items()):
-            if a is None:
-                continue
-            s = sums[h]
-            forecasts.append(
-                {
-                    "horizon": horizon_label(h),
-                    "horizon_factor": h,
-                    "anchor_step": a,
-                    "step": step,
-                    "ratio": step / a,
-                    "error_ratio": s.error_ratio,
-                    "skill": s.skill,
-                    "e_relex": s.e_relex,
-                    "e_hold": s.e_hold,
-                    "e_norm": s.e_norm,
-                }
-            )
-        if make_anchor:
-            anchor_recs.append({"step": step, "observed": observed, "tensors": anchor_tensors})
-        keep = anchors_to_keep([a["step"] for a in anchor_recs], step, config.horizons)
-        anchor_recs = [a for a in anchor_recs if a["step"] in keep]
-
+                on_tensor(name, base.reader.info(name).numel)
+        figures = work.figures()
+        forecasts = work.forecasts()
         new_meta = _next_meta(
-            meta,
-            store,
-            base,
-            ckpt,
-            step,
-            source,
-            per_tensor,
-            figures,
-            forecasts,
-            anchor_recs,
-            config,
-            time.monotonic() - started,
-            bytes_read,
-        )
-        committed = txn.commit(smalls, new_meta)
+            meta, store, base, ckpt, step, source, work.per_tensor, figures, forecasts,
+            work.next_anchors(), config, time.monotonic() - started, work.bytes_read,
+        )  # fmt: skip
+        committed = txn.commit(work.smalls, new_meta)
     except OSError as exc:
         txn.abort()
         raise StateWriteError(
@@ -290,100 +210,171 @@ def ingest(
         txn.abort()
         raise
     finally:
-        if old_sketch is not None:
-            old_sketch.close()
-        for f in used_anchors.values():
+        work.close()
+    return IngestReport(step, time.monotonic() - started, work.bytes_read, committed, figures, forecasts)
+
+
+class CheckpointPass:
+    """What the tensors of one checkpoint share while they stream through the estimator: the old
+    sketch, the new generation's writers, the anchors being scored, and the running results."""
+
+    def __init__(self, snapshot: Snapshot, base: BaseModel, step: int, config: EngineConfig) -> None:
+        self.snapshot = snapshot
+        self.base = base
+        self.step = step
+        self.config = config
+        steps = [*snapshot.meta.get("steps", []), step]
+        self.observed = len(steps)
+        self.step_tensor = torch.tensor(steps, dtype=torch.float64)
+        self.anchor_recs: list[dict[str, Any]] = list(snapshot.meta.get("anchors", []))
+        anchor_steps = [a["step"] for a in self.anchor_recs]
+        #: horizon → the anchor step scored against this checkpoint (None: no anchor far enough back)
+        self.used = {h: choose_anchor(anchor_steps, step, h) for h in config.horizons}
+        self.anchor_files = {a: snapshot.anchor(a) for a in set(self.used.values()) if a is not None}
+        self.sums = {h: ForecastSums() for h, a in self.used.items() if a is not None}
+        self.make_anchor = is_anchor_count(self.observed)
+        self.old_sketch = snapshot.sketch()
+        self.sketch: StreamingSafetensorsWriter | None = None
+        self.anchor_v: StreamingSafetensorsWriter | None = None
+        self.anchor_x: StreamingSafetensorsWriter | None = None
+        self.smalls: dict[str, SmallState] = {}
+        self.per_tensor: dict[str, dict[str, Any]] = {}
+        self.new_anchor_tensors: dict[str, list[float]] = {}
+        self.bytes_read = 0
+
+    def open_writers(self, txn: Transaction) -> None:
+        numels = {n: self.base.reader.info(n).numel for n in self.base.tracked}
+        width = self.config.width
+        self.sketch = txn.sketch_writer({n: (torch.float32, (k, width)) for n, k in numels.items()})
+        if self.make_anchor:
+            adt = self.config.anchor_torch_dtype
+            self.anchor_v = txn.anchor_writer(
+                self.step, {f"v/{n}": (adt, (k,)) for n, k in numels.items()}, "v"
+            )
+            self.anchor_x = txn.anchor_writer(
+                self.step, {f"x/{n}": (adt, (k,)) for n, k in numels.items()}, "x"
+            )
+
+    def close(self) -> None:
+        if self.old_sketch is not None:
+            self.old_sketch.close()
+        for f in self.anchor_files.values():
             f.close()
-    return IngestReport(step, time.monotonic() - started, bytes_read, committed, figures, forecasts)
 
-
-def _update_tensor(
-    name: str,
-    x: torch.Tensor,
-    small: SmallState,
-    old_sketch: SafetensorsFile | None,
-    sketch: StreamingSafetensorsWriter,
-    anchor_v: StreamingSafetensorsWriter | None,
-    anchor_x: StreamingSafetensorsWriter | None,
-    used_anchors: dict[int, AnchorFiles],
-    anchor_recs: list[dict[str, Any]],
-    used: dict[float, int | None],
-    sums: dict[float, ForecastSums],
-    step_tensor: torch.Tensor,
-    step: int,
-    config: EngineConfig,
-) -> tuple[SmallState, dict[str, Any], list[float] | None]:
-    """The three streaming passes of one tensor (see :mod:`relexd.math.sketch`)."""
-    width = config.width
-    numel = x.numel()
-    rows = max(1, CHUNK_ELEMS // width)
-
-    def old_rows(i: int, j: int) -> torch.Tensor:
-        if old_sketch is None:
+    def _old_rows(self, name: str, i: int, j: int) -> torch.Tensor:
+        width = self.config.width
+        if self.old_sketch is None:
             return torch.zeros(j - i, width)
-        return old_sketch.read_range(name, i * width, j * width).reshape(j - i, width)
+        self.bytes_read += (j - i) * width * 4
+        return self.old_sketch.read_range(name, i * width, j * width).reshape(j - i, width)
 
-    upd = make_update(config.estimator, small, width, config.oja_eta)
-    dots = {a: [0.0, 0.0] for a in used_anchors}  # x·v_a, x·x_a
-    for i, j in spans(numel, rows):
-        upd.accumulate(old_rows(i, j), x[i:j])
-        for a, f in used_anchors.items():
-            dots[a][0] += float(torch.dot(x[i:j], f.read_range(f"v/{name}", i, j).to(torch.float32)))
-            dots[a][1] += float(torch.dot(x[i:j], f.read_range(f"x/{name}", i, j).to(torch.float32)))
-    if upd.needs_residual_pass:
+    def update_tensor(self, name: str, x: torch.Tensor) -> None:
+        """The three streaming passes of one tensor (see :mod:`relexd.math.sketch`), plus the
+        anchor dot products of the forecast and the new anchor's vectors."""
+        config = self.config
+        width = config.width
+        numel = x.numel()
+        rows = max(1, CHUNK_ELEMS // width)
+        self.bytes_read += numel * self.base.reader.info(name).dtype.itemsize
+
+        upd = make_update(config.estimator, self.snapshot.small(name), width, config.oja_eta)
+        dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a
         for i, j in spans(numel, rows):
-            upd.accumulate_residual(old_rows(i, j), x[i:j])
-    new_small = upd.plan()
-    fit = fit_line(step_tensor, new_small.coefficients, config.window)
-    xsq = upd.xsq
+            upd.accumulate(self._old_rows(name, i, j), x[i:j])
+            for a, f in self.anchor_files.items():
+                dots[a][0] += float(torch.dot(x[i:j], f.read_range(f"v/{name}", i, j).to(torch.float32)))
+                dots[a][1] += float(torch.dot(x[i:j], f.read_range(f"x/{name}", i, j).to(torch.float32)))
+        if upd.needs_residual_pass:
+            for i, j in spans(numel, rows):
+                upd.accumulate_residual(self._old_rows(name, i, j), x[i:j])
+        new_small = upd.plan()
+        fit = fit_line(self.step_tensor, new_small.coefficients, config.window)
+        self._score_forecasts(name, upd.xsq, dots)
 
-    for h, a in used.items():
-        if a is None:
-            continue
-        rec = next(r for r in anchor_recs if r["step"] == a)["tensors"].get(name)
-        if rec is None:  # tensor frozen at the anchor: its prediction there was θ₀ (x_a = 0)
-            alpha = beta = v_sq = xa_sq = 0.0
-        else:
-            alpha, beta, v_sq, xa_sq = rec
-        sums[h].add_tensor(
-            xsq=xsq, x_dot_v=dots[a][0], v_sq=v_sq, x_dot_xa=dots[a][1], xa_sq=xa_sq, coef=alpha + beta * step
-        )
+        assert self.sketch is not None, "open_writers() first"
+        vv_old = vv_new = v_cross = a_vsq = a_xsq = 0.0
+        adt = config.anchor_torch_dtype
+        for i, j in spans(numel, rows):
+            q_old = self._old_rows(name, i, j)
+            q_new = upd.new_rows(q_old, x[i:j])
+            self.sketch.append(name, q_new)
+            v_old, v_new = q_old[:, 0], q_new[:, 0]
+            vv_old += float(torch.dot(v_old, v_old))
+            vv_new += float(torch.dot(v_new, v_new))
+            v_cross += float(torch.dot(v_old, v_new))
+            if self.anchor_v is not None and self.anchor_x is not None:
+                va, xa = v_new.to(adt), x[i:j].to(adt)
+                self.anchor_v.append(f"v/{name}", va)
+                self.anchor_x.append(f"x/{name}", xa)
+                # norms of the values as stored, so the forecast uses exactly the anchor's vectors
+                va32, xa32 = va.to(torch.float32), xa.to(torch.float32)
+                a_vsq += float(torch.dot(va32, va32))
+                a_xsq += float(torch.dot(xa32, xa32))
 
-    vv_old = vv_new = v_cross = 0.0
-    a_vsq = a_xsq = 0.0
-    adt = config.anchor_torch_dtype
-    for i, j in spans(numel, rows):
-        q_old = old_rows(i, j)
-        q_new = upd.new_rows(q_old, x[i:j])
-        sketch.append(name, q_new)
-        v_old, v_new = q_old[:, 0], q_new[:, 0]
-        vv_old += float(torch.dot(v_old, v_old))
-        vv_new += float(torch.dot(v_new, v_new))
-        v_cross += float(torch.dot(v_old, v_new))
-        if anchor_v is not None and anchor_x is not None:
-            va, xa = v_new.to(adt), x[i:j].to(adt)
-            anchor_v.append(f"v/{name}", va)
-            anchor_x.append(f"x/{name}", xa)
-            # norms of the values as stored, so that the forecast uses exactly the anchor's vectors
-            va32, xa32 = va.to(torch.float32), xa.to(torch.float32)
-            a_vsq += float(torch.dot(va32, va32))
-            a_xsq += float(torch.dot(xa32, xa32))
+        drift = None
+        if vv_old > 0.0 and vv_new > 0.0:
+            drift = max(0.0, 1.0 - abs(v_cross) / math.sqrt(vv_old * vv_new))
+        self.smalls[name] = new_small
+        self.per_tensor[name] = {
+            "rank": new_small.rank,
+            "energy": new_small.energy,
+            "sigma1_sq": new_small.sigma1_sq,
+            "alpha": fit.alpha,
+            "beta": fit.beta,
+            "r2": fit.r2,
+            "drift": drift,
+            "last_coef": float(new_small.coefficients[-1]) if new_small.rank else 0.0,
+        }
+        if self.anchor_v is not None:
+            self.new_anchor_tensors[name] = [fit.alpha, fit.beta, a_vsq, a_xsq]
 
-    drift = None
-    if vv_old > 0.0 and vv_new > 0.0:
-        drift = max(0.0, 1.0 - abs(v_cross) / math.sqrt(vv_old * vv_new))
-    rec = {
-        "rank": new_small.rank,
-        "energy": new_small.energy,
-        "sigma1_sq": new_small.sigma1_sq,
-        "alpha": fit.alpha,
-        "beta": fit.beta,
-        "r2": fit.r2,
-        "drift": drift,
-        "last_coef": float(new_small.coefficients[-1]) if new_small.rank else 0.0,
-    }
-    anchor_rec = [fit.alpha, fit.beta, a_vsq, a_xsq] if anchor_v is not None else None
-    return new_small, rec, anchor_rec
+    def _score_forecasts(self, name: str, xsq: float, dots: dict[int, list[float]]) -> None:
+        for h, a in self.used.items():
+            if a is None:
+                continue
+            rec = next(r for r in self.anchor_recs if r["step"] == a)["tensors"].get(name)
+            # a tensor without a record was frozen at the anchor: its prediction there was θ₀
+            alpha, beta, v_sq, xa_sq = rec if rec is not None else (0.0, 0.0, 0.0, 0.0)
+            self.sums[h].add_tensor(
+                xsq=xsq, x_dot_v=dots[a][0], v_sq=v_sq, x_dot_xa=dots[a][1], xa_sq=xa_sq,
+                coef=alpha + beta * self.step,
+            )  # fmt: skip
+
+    def figures(self) -> dict[str, float | None]:
+        return model_figures(
+            TensorFigures(r["energy"], r["sigma1_sq"], r["r2"], r["drift"]) for r in self.per_tensor.values()
+        ).as_dict()
+
+    def forecasts(self) -> list[dict[str, Any]]:
+        out = []
+        for h, a in sorted(self.used.items()):
+            if a is None:
+                continue
+            s = self.sums[h]
+            out.append(
+                {
+                    "horizon": horizon_label(h),
+                    "horizon_factor": h,
+                    "anchor_step": a,
+                    "step": self.step,
+                    "ratio": self.step / a,
+                    "error_ratio": s.error_ratio,
+                    "skill": s.skill,
+                    "e_relex": s.e_relex,
+                    "e_hold": s.e_hold,
+                    "e_norm": s.e_norm,
+                }
+            )
+        return out
+
+    def next_anchors(self) -> list[dict[str, Any]]:
+        """The anchor records of the next generation: plus the new one, minus those no future
+        checkpoint can use."""
+        recs = list(self.anchor_recs)
+        if self.make_anchor:
+            recs.append({"step": self.step, "observed": self.observed, "tensors": self.new_anchor_tensors})
+        keep = anchors_to_keep([a["step"] for a in recs], self.step, self.config.horizons)
+        return [a for a in recs if a["step"] in keep]
 
 
 def _next_meta(
