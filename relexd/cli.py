@@ -85,6 +85,12 @@ def extrapolate(
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable checkpoints instead of stopping at the first.")
     ] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1, help="torch threads (1 is fastest beside a busy trainer).", envvar="RELEXD_THREADS"
+        ),
+    ] = 1,
 ) -> None:
     """Read a run's checkpoints in step order, update the streaming model once per checkpoint, and
     write a preview checkpoint for each target step."""
@@ -120,7 +126,7 @@ def extrapolate(
         state_dir = tmp
     failed = 0
     try:
-        with Engine(state_dir, base, config) as engine:
+        with Engine(state_dir, base, config, threads=threads) as engine:
             done = set(engine.steps)
             todo = [r for r in refs if r.step not in done and (not done or r.step > max(done))]
             failed = _ingest_all(engine, todo, skip_bad)

@@ -148,6 +148,12 @@ def watch(
     once: Annotated[
         bool, typer.Option(help="Ingest what is complete, refresh previews, exit.", envvar=_env("once"))
     ] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1, help="torch threads (1 is fastest beside a busy trainer).", envvar=_env("threads")
+        ),
+    ] = 1,
 ) -> None:
     """Follow a training run: ingest checkpoints as they complete and keep previews ahead of it."""
     setup_logging(log_format.value)
@@ -180,6 +186,7 @@ def watch(
             listen=listen or None,
             per_tensor_metrics=per_tensor_metrics,
             once=once,
+            threads=threads,
         )
         metrics = RelexdMetrics(per_tensor=per_tensor_metrics)
         if stall_threshold is not None:

@@ -46,6 +46,7 @@ class WatchSettings:
     listen: str | None = None  # None: no HTTP endpoint
     per_tensor_metrics: bool = False
     once: bool = False  # ingest what is complete, refresh previews, exit
+    threads: int = 1  # torch intra-op threads: one is fastest on a host busy with training
 
     def __post_init__(self) -> None:
         if self.preview_every < 1:

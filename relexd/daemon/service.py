@@ -112,7 +112,7 @@ class WatchService:
     def open(self) -> None:
         """Open the state (StateError propagates: changed base, unknown format, locked)."""
         s = self.settings
-        self.engine = Engine(s.state_dir, s.base, s.engine)
+        self.engine = Engine(s.state_dir, s.base, s.engine, threads=s.threads)
         steps = self.engine.steps
         self.metrics.restore_progress(
             step=steps[-1] if steps else None,

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
 from relexd.engine.ingest import IngestReport, ingest
@@ -23,8 +25,18 @@ from relexd.state.store import Snapshot, StateStore
 class Engine:
     """Owns one state directory (exclusively, by lock) and the base model θ₀."""
 
-    def __init__(self, state_dir: Path, base_path: Path, config: EngineConfig) -> None:
+    def __init__(
+        self, state_dir: Path, base_path: Path, config: EngineConfig, *, threads: int | None = None
+    ) -> None:
+        """``threads``: torch intra-op threads for this process (None: leave torch's setting).
+
+        relexd runs beside a training job, on a busy host; a multi-threaded op there waits for all
+        its threads to be scheduled, and measured 10–100× slower than on one thread
+        (bench/README.md). The CLI therefore defaults to one thread.
+        """
         pin_mmap_threshold()
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.state_dir = Path(state_dir)
         self.config = config
         self.store = StateStore(self.state_dir)

@@ -120,7 +120,7 @@ def _write_tensor(
             writer.append(name, theta0.to(dtype))
             continue
         v = sketch.read_range(source, i * width, j * width).reshape(j - i, width)[:, 0]
-        pred = theta0.to(torch.float32) + coef * v
+        pred = torch.add(theta0.to(torch.float32), v, alpha=coef)
         writer.append(name, pred.to(dtype))
 
 
