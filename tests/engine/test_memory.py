@@ -44,7 +44,7 @@ PROBE = textwrap.dedent(
                 return int(line.split()[1]) * 1024
 
     root = Path(sys.argv[1])
-    engine = Engine(root / "state", root / "base", EngineConfig())
+    engine = Engine(root / "state", root / "base", EngineConfig(), threads=1)
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     before = status("VmRSS")
