@@ -1,0 +1,113 @@
+"""Shared helpers of the benchmarks: machine description, plain reads, page-cache residency, tables."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+MB = 1e6
+GB = 1e9
+READ_BLOCK = 16 << 20
+
+#: torch threads for every benchmark process (relexd's own default is one thread: on a host busy
+#: with training, multi-threaded ops stall waiting for cores). RELEXD_BENCH_THREADS overrides it;
+#: the batch baseline gets the same setting, so the comparison stays fair.
+THREADS = int(os.environ.get("RELEXD_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+
+def machine() -> str:
+    """One paragraph naming the machine the numbers were taken on."""
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?"
+    )
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    disk = "?"
+    with contextlib.suppress(OSError):
+        dev = "vda"
+        rot = Path(f"/sys/block/{dev}/queue/rotational").read_text().strip()
+        disk = f"/dev/{dev} (virtio block device, rotational={rot}: type of backing store unknown)"
+    return (
+        f"{os.cpu_count()} vCPU ({model}, KVM guest, shared with other work), {mem:.1f} GiB RAM, "
+        f"disk {disk}, Python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, root: str | None = None) -> Iterator[Path]:
+    """A temporary directory under /tmp, removed afterwards whatever happens."""
+    path = Path(tempfile.mkdtemp(prefix=f"relexd-bench-{prefix}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def plain_read(paths: Sequence[Path]) -> tuple[int, float]:
+    """Read ``paths`` sequentially in 16 MiB blocks (no parsing); returns (bytes, seconds)."""
+    buf = bytearray(READ_BLOCK)
+    total = 0
+    start = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    return total, time.perf_counter() - start
+
+
+def cached_fraction(paths: Sequence[Path]) -> float | None:
+    """Fraction of the files' bytes resident in the page cache (util-linux ``fincore``), or None."""
+    exe = shutil.which("fincore")
+    if exe is None or not paths:
+        return None
+    out = subprocess.run(
+        [exe, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    res = size = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            res += int(parts[0])
+            size += int(parts[1])
+    return res / size if size else None
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident set size of this process (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; floats get 3 significant digits unless already strings."""
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

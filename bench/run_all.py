@@ -1,0 +1,80 @@
+"""Run every benchmark in sequence and write the tables to bench/results/<mode>/<benchmark>.md.
+
+``python -m bench.run_all --quick`` (small shapes, a few minutes), ``python -m bench.run_all``
+(0.5B shapes, the configurations of bench/README.md) or ``… --large`` (adds the 1.5B-shaped ingest).
+``--only ingest preview`` runs a subset. Benchmarks run one
+after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench import ingest, preview_write
+from bench.common import machine, scratch_dir
+from bench.synthetic import QWEN25_05B, QWEN25_15B
+from relexd.engine.config import DEFAULT_RANK
+
+BENCHMARKS = ("accuracy", "batch", "ingest", "preview")
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_ingest_and_preview(
+    quick: bool, do_ingest: bool, do_preview: bool, large: bool = False
+) -> dict[str, str]:
+    """Ingest configurations; the first one's final state is reused by the preview benchmark."""
+    shape = QWEN25_05B.smaller(2, 16384) if quick else QWEN25_05B
+    full = [] if quick else [(QWEN25_05B, 1, 2), (QWEN25_15B, DEFAULT_RANK, 2)]
+    if not large:
+        full = [c for c in full if c[0] is not QWEN25_15B]
+    out: dict[str, str] = {}
+    with scratch_dir("run-all") as tmp:
+        results = [ingest.run(shape, DEFAULT_RANK, 2 if not quick else 3, keep_state=tmp / "kept")]
+        if do_preview:
+            pv = preview_write.run(tmp / "kept" / "state", tmp / "kept" / "base", tmp)
+            out["preview"] = f"model shape {shape.name}\n\n" + preview_write.report(pv)
+        if do_ingest:
+            results += [ingest.run(s, k, n) for s, k, n in full]
+            out["ingest"] = ingest.report(results)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes and few steps (minutes)")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    p.add_argument("--large", action="store_true", help="also ingest 1.5B-shaped checkpoints (+~25 min)")
+    args = p.parse_args()
+    mode = "quick" if args.quick else "full"
+    outdir = RESULTS / mode
+    outdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    print(machine(), flush=True)
+
+    def save(name: str, text: str, seconds: float) -> None:
+        text = f"{text}\n\n_{name}: {seconds:.0f} s wall; {machine()}_\n"
+        (outdir / f"{name}.md").write_text(text)
+        print(f"\n## {name}\n\n{text}", flush=True)
+
+    if "accuracy" in args.only:
+        from bench import accuracy
+
+        t0 = time.perf_counter()
+        save("accuracy", accuracy.report(accuracy.run(quick=args.quick)), time.perf_counter() - t0)
+    if "batch" in args.only:
+        from bench import batch_baseline
+
+        t0 = time.perf_counter()
+        save("batch", batch_baseline.report(batch_baseline.run(quick=args.quick)), time.perf_counter() - t0)
+    if "ingest" in args.only or "preview" in args.only:
+        t0 = time.perf_counter()
+        texts = run_ingest_and_preview(args.quick, "ingest" in args.only, "preview" in args.only, args.large)
+        for name, text in texts.items():
+            save(name, text, time.perf_counter() - t0)
+    print(f"\nall done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
