@@ -72,7 +72,7 @@ def test_chunking_changes_nothing() -> None:
 
 
 def test_sketch_basis_stays_orthonormal_over_many_updates() -> None:
-    x = trajectory(500, list(range(1, 401)), 0.05)
+    x = trajectory(500, list(range(1, 201)), 0.05)
     _, q = stream(x, "brand", 4)
     gram = q.double().T @ q.double()
     assert torch.allclose(gram, torch.eye(4, dtype=torch.float64), atol=1e-5)

@@ -1,0 +1,71 @@
+"""Daemon options the end-to-end tests do not exercise: --per-tensor-metrics, --preview-keep, and
+the human-readable `relexd status` table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.daemon.trainer_sim import Daemon, hf_save, make_base
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def relexd(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "relexd", *args], capture_output=True, text=True, env=env)
+
+
+def test_per_tensor_metrics_only_when_asked(tmp_path: Path) -> None:
+    planted, base = make_base(tmp_path, noise=0.001)
+    run = tmp_path / "run"
+    for s in (10, 20, 30):
+        hf_save(run, s, planted.at(s))
+    for flag, expected in (("--per-tensor-metrics", True), ("--no-per-tensor-metrics", False)):
+        root = tmp_path / flag
+        root.mkdir()
+        daemon = Daemon(root, run, base, flag, "--debounce", "0.1")
+        try:
+            daemon.wait_url()
+            daemon.wait_for(lambda d=daemon: d.steps() == [10, 20, 30], what="ingest")
+            daemon.wait_for(lambda d=daemon: d.metric("relexd_observed_checkpoints") == 3, what="metrics")
+            value = daemon.metric("relexd_tensor_energy_ratio", tensor="model.norm.weight")
+            assert (value is not None) is expected, flag
+            if expected:
+                assert 0.0 < value <= 1.0
+        finally:
+            assert daemon.stop() == 0
+
+
+def test_preview_keep_bounds_superseded_previews(tmp_path: Path) -> None:
+    planted, base = make_base(tmp_path, noise=0.001)
+    run, state = tmp_path / "run", tmp_path / "state"
+    previews = state / "previews"
+
+    def once(step: int) -> set[str]:
+        hf_save(run, step, planted.at(step))
+        res = relexd("watch", str(run), "--base", str(base), "--state-dir", str(state), "--once",
+                     "--listen", "", "--preview-ahead", "2", "--preview-keep", "1", "--debounce", "0")  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        return {p.name for p in previews.iterdir() if p.name.startswith("step-")}
+
+    assert once(10) == {"step-20"}
+    assert once(20) == {"step-40", "step-20"}  # one superseded preview kept
+    assert once(30) == {"step-60", "step-40"}  # …and only the newest one of those
+
+
+def test_status_table_shows_figures_and_previews(tmp_path: Path) -> None:
+    planted, base = make_base(tmp_path, noise=0.001)
+    run, state = tmp_path / "run", tmp_path / "state"
+    for s in (10, 20, 30, 40, 50):
+        hf_save(run, s, planted.at(s))
+    res = relexd("watch", str(run), "--base", str(base), "--state-dir", str(state), "--once",
+                 "--listen", "", "--preview-at", "500", "--debounce", "0")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = relexd("status", "--state-dir", str(state))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for words in ("observed checkpoints", "10, 20, 30, 40, 50", "rank1 energy ratio", "fit r2", "2x", "500"):
+        assert words in text, (words, text)
