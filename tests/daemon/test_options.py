@@ -46,8 +46,10 @@ def test_preview_keep_bounds_superseded_previews(tmp_path: Path) -> None:
 
     def once(step: int) -> set[str]:
         hf_save(run, step, planted.at(step))
-        res = relexd("watch", str(run), "--base", str(base), "--state-dir", str(state), "--once",
-                     "--listen", "", "--preview-ahead", "2", "--preview-keep", "1", "--debounce", "0")  # fmt: skip
+        res = relexd(
+            "watch", str(run), "--base", str(base), "--state-dir", str(state), "--once",
+            "--listen", "", "--preview-ahead", "2", "--preview-keep", "1", "--debounce", "0",
+        )  # fmt: skip
         assert res.returncode == 0, res.stderr
         return {p.name for p in previews.iterdir() if p.name.startswith("step-")}
 
