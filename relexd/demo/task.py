@@ -2,9 +2,14 @@
 
 Prompts are fixed-width (``"007+123="``, 8 tokens) so that a whole batch is position-aligned: the
 model then needs no padding or attention masks and can sample every sequence in lockstep with a KV
-cache, which is what makes 300 RL steps affordable on two CPU cores. The answer is the plain decimal
-sum followed by an end-of-sequence token, so the model has to decide where the answer stops; the
-reward is 1 only for the exact digits followed by EOS.
+cache, which is what makes 300 RL steps affordable on two CPU cores. The answer is the decimal sum
+written LEAST significant digit first (``123+456=`` → ``975$``), followed by an end-of-sequence
+token, so the model has to decide where the answer stops; the reward is 1 only for the exact
+reversed digits followed by EOS. Reversed order makes every output digit a function of two operand
+digits plus the carry just produced, so a partly trained model's errors concentrate on one skill
+shared by all prompts (carrying) instead of being prompt-specific: measured on the SFT base, exact
+expected-reward gradients of two disjoint 512-prompt batches have cosine 0.69–0.88 (most-significant
+first: 0.02).
 
 A fixed slice of the input space (see :func:`is_held_out`) is never used for training, so that the
 evaluation set is genuinely held out.
@@ -89,19 +94,17 @@ def encode_prompts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def answer_tokens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target answer ids ``(n, MAX_ANSWER_LEN)`` (sum digits, EOS, then EOS padding) and lengths.
+    """Target answer ids ``(n, MAX_ANSWER_LEN)`` (sum digits REVERSED, EOS, then EOS padding) and lengths.
 
-    The length counts the EOS token: it is the number of target positions that carry a loss.
+    The sum is written least significant digit first (``123+456=`` → ``975$``; ``999+999=`` →
+    ``8991$``), without leading zeros. The length counts the EOS token: it is the number of target
+    positions that carry a loss.
     """
     s = a + b
     n_digits = torch.where(s >= 1000, 4, torch.where(s >= 100, 3, torch.where(s >= 10, 2, 1)))
-    full = _digits(s, MAX_ANSWER_LEN - 1)  # 4 zero-padded digits
-    out = torch.full((a.shape[0], MAX_ANSWER_LEN), EOS_ID, dtype=torch.long)
-    pos = torch.arange(MAX_ANSWER_LEN - 1).unsqueeze(0)
-    # Left-align the significant digits: digit j of the answer is full[:, 4 - n_digits + j].
-    src = (pos + (MAX_ANSWER_LEN - 1) - n_digits.unsqueeze(1)).clamp(max=MAX_ANSWER_LEN - 2)
-    shifted = torch.gather(full, 1, src)
-    out[:, : MAX_ANSWER_LEN - 1] = torch.where(pos < n_digits.unsqueeze(1), shifted, EOS_ID)
+    pos = torch.arange(MAX_ANSWER_LEN).unsqueeze(0)
+    rev = (s.unsqueeze(1) // 10**pos) % 10  # digit j = 10**j place
+    out = torch.where(pos < n_digits.unsqueeze(1), rev, EOS_ID)
     return out, n_digits + 1
 
 

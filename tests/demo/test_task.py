@@ -18,24 +18,26 @@ def _reward(a: int, b: int, text: str) -> float:
 
 
 def test_reward_exact_answers() -> None:
-    assert _reward(123, 456, "579$") == 1.0
-    assert _reward(999, 999, "1998$") == 1.0
+    # The sum is written least significant digit first.
+    assert _reward(123, 456, "975$") == 1.0
+    assert _reward(999, 999, "8991$") == 1.0
     assert _reward(0, 0, "0$") == 1.0
-    assert _reward(5, 7, "12$") == 1.0
+    assert _reward(5, 7, "21$") == 1.0
+    assert _reward(500, 500, "0001$") == 1.0
 
 
 def test_reward_rejects_wrong_or_malformed() -> None:
-    assert _reward(123, 456, "578$") == 0.0
-    assert _reward(123, 456, "0579$") == 0.0  # leading zero
-    assert _reward(123, 456, "5790$") == 0.0  # extra digit
-    assert _reward(123, 456, "57$") == 0.0  # truncated
-    assert _reward(999, 999, "19981") == 0.0  # no EOS within the budget
+    assert _reward(123, 456, "579$") == 0.0  # most significant digit first
+    assert _reward(123, 456, "875$") == 0.0
+    assert _reward(123, 456, "9750$") == 0.0  # trailing zero (a leading zero of the sum)
+    assert _reward(123, 456, "97$") == 0.0  # truncated
+    assert _reward(999, 999, "89911") == 0.0  # no EOS within the budget
     assert _reward(1, 2, "+$") == 0.0
 
 
 def test_reward_ignores_tokens_after_eos() -> None:
     assert _reward(1, 2, "3$99") == 1.0
-    assert _reward(100, 200, "300$1") == 1.0
+    assert _reward(100, 200, "003$1") == 1.0
 
 
 def test_prompt_encoding_and_mask() -> None:
