@@ -294,18 +294,13 @@ class CheckpointPass:
         self._score_forecasts(name, upd.xsq, dots)
 
         assert self.sketch is not None, "open_writers() first"
-        vv_old = vv_new = v_cross = a_vsq = a_xsq = 0.0
+        a_vsq = a_xsq = 0.0
         adt = config.anchor_torch_dtype
         for i, j in spans(numel, rows):
-            q_old = self._old_rows(name, i, j)
-            q_new = upd.new_rows(q_old, x[i:j])
+            q_new = upd.new_rows(self._old_rows(name, i, j), x[i:j])
             self.sketch.append(name, q_new)
-            v_old, v_new = q_old[:, 0].contiguous(), q_new[:, 0].contiguous()  # BLAS dots want stride 1
-            vv_old += float(torch.dot(v_old, v_old))
-            vv_new += float(torch.dot(v_new, v_new))
-            v_cross += float(torch.dot(v_old, v_new))
             if self.anchor_v is not None and self.anchor_x is not None:
-                va, xa = v_new.to(adt), x[i:j].to(adt)
+                va, xa = q_new[:, 0].to(adt), x[i:j].to(adt)
                 self.anchor_v.append(f"v/{name}", va)
                 self.anchor_x.append(f"x/{name}", xa)
                 # norms of the values as stored, so the forecast uses exactly the anchor's vectors
@@ -314,6 +309,7 @@ class CheckpointPass:
                 a_xsq += float(torch.dot(xa32, xa32))
 
         drift = None
+        vv_old, vv_new, v_cross = upd.direction_change()
         if vv_old > 0.0 and vv_new > 0.0:
             drift = max(0.0, 1.0 - abs(v_cross) / math.sqrt(vv_old * vv_new))
         self.smalls[name] = new_small

@@ -99,6 +99,14 @@ class TensorUpdate:
         """The new state's rows for these rows of the old state and of x (float32, width cols)."""
         raise NotImplementedError
 
+    def direction_change(self) -> tuple[float, float, float]:
+        """(‖v_old‖², ‖v_new‖², v_old·v_new) of the top direction, after :meth:`plan`.
+
+        Both directions are linear combinations of the old basis and x, so their products follow
+        from the dot products of pass 1 without another pass over the data.
+        """
+        raise NotImplementedError
+
 
 class BrandUpdate(TensorUpdate):
     """Brand's incremental SVD of rank ≤ k (DESIGN.md §2).
@@ -189,12 +197,12 @@ class BrandUpdate(TensorUpdate):
         k = self.rank
         keep = self._rotation.shape[1]
         rotation = self._rotation.to(torch.float32)
-        if self._use_residual:
-            acc = torch.outer(x_rows, rotation[k])
-            if k:
-                acc = torch.addmm(acc, q_rows[:, :k], rotation[:k])
-        elif k:
+        if k:
             acc = q_rows[:, :k] @ rotation[:k]
+            if self._use_residual:
+                acc.addr_(x_rows, rotation[k])
+        elif self._use_residual:
+            acc = torch.outer(x_rows, rotation[k])
         else:
             acc = torch.zeros(x_rows.shape[0], 0)
         if keep == self.width:
@@ -202,6 +210,21 @@ class BrandUpdate(TensorUpdate):
         out = torch.zeros(x_rows.shape[0], self.width, dtype=torch.float32)
         out[:, :keep] = acc
         return out
+
+    def direction_change(self) -> tuple[float, float, float]:
+        assert self._rotation is not None, "plan() first"
+        k = self.rank
+        if self._rotation.shape[1] == 0:
+            return (float(self.gram[0, 0]) if k else 0.0), 0.0, 0.0
+        gram = torch.zeros(k + 1, k + 1, dtype=F64)  # [Q, x]ᵀ [Q, x]
+        gram[:k, :k] = self.gram
+        gram[:k, k] = gram[k, :k] = self.qtx
+        gram[k, k] = self.xsq
+        r0 = self._rotation[:, 0]
+        vv_new = float(r0 @ gram @ r0)
+        if not k:
+            return 0.0, vv_new, 0.0
+        return float(self.gram[0, 0]), vv_new, float(gram[0] @ r0)
 
 
 class OjaUpdate(TensorUpdate):
@@ -258,6 +281,12 @@ class OjaUpdate(TensorUpdate):
         sigma = _f64([float(z[:, 0] @ z[:, 0]) ** 0.5])
         self.small = SmallState(z, sqnorms, sigma)
         return self.small
+
+    def direction_change(self) -> tuple[float, float, float]:
+        # v_new = (v + a·x)·scale
+        a, c = self._a, self._scale
+        vv_new = c * c * (self.vv + 2 * a * self.xv + a * a * self.xsq)
+        return self.vv, vv_new, c * (self.vv + a * self.xv)
 
     def new_rows(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x_rows.shape[0], self.width, dtype=torch.float32)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from relexd.engine.config import DEFAULT_RANK
-from relexd.math.sketch import SmallState, update_in_memory
+from relexd.math.sketch import SmallState, make_update, update_in_memory
 
 
 def trajectory(d: int, steps: list[float], noise: float, seed: int = 0) -> torch.Tensor:
@@ -100,3 +100,19 @@ def test_direction_sign_makes_newest_coefficient_non_negative() -> None:
     x = -trajectory(200, STEPS[:5], 0.0)
     small, _ = stream(x, "brand", 2)
     assert small.coefficients[-1] >= 0
+
+
+def test_direction_change_equals_direct_products() -> None:
+    x = trajectory(800, STEPS, 0.05)
+    for est, width in (("brand", 2), ("brand", 5), ("oja", 1)):
+        small, q = stream(x[:-1], est, width)
+        upd = make_update(est, small, width)
+        upd.accumulate(q, x[-1].float())
+        if upd.needs_residual_pass:
+            upd.accumulate_residual(q, x[-1].float())
+        upd.plan()
+        v_old = q[:, 0].double()
+        v_new = upd.new_rows(q, x[-1].float())[:, 0].double()
+        got = upd.direction_change()
+        want = (float(v_old @ v_old), float(v_new @ v_new), float(v_old @ v_new))
+        assert got == pytest.approx(want, rel=1e-5), est
