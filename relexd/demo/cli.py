@@ -262,7 +262,7 @@ class Progress:
         seen = "—" if v.observed_step is None else str(v.observed_step)
         return (
             f"step {self.step}/{self.steps} reward {_f(self.reward)} | relexd: observed {seen} "
-            f"energy {_f(v.energy)} R² {_f(v.r2)} drift {_f(v.drift, '.4f')} "
+            f"energy {_f(v.energy)} R² {_f(v.r2)} drift {_f(v.drift, '.1e')} "
             f"skill {_f(v.skill, '+.3f')} previews {v.previews_written}"
         )
 
@@ -274,7 +274,7 @@ class Progress:
         t.add_row("relexd observed step", "—" if v.observed_step is None else str(v.observed_step))
         t.add_row("rank-1 energy ratio", _f(v.energy))
         t.add_row("fit R²", _f(v.r2))
-        t.add_row("direction drift", _f(v.drift, ".4f"))
+        t.add_row("direction drift", _f(v.drift, ".1e"))
         ratio = f" (ratio {v.skill_ratio:.2f})" if v.skill_ratio else ""
         t.add_row("forecast skill", _f(v.skill, "+.3f") + ratio)
         endpoint = "up" if v.metrics_up else "—"
