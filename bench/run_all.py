@@ -17,7 +17,7 @@ from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
 from relexd.engine.config import DEFAULT_RANK
 
-BENCHMARKS = ("accuracy", "batch", "ingest", "preview")
+BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -63,6 +63,12 @@ def main() -> None:
 
         t0 = time.perf_counter()
         save("accuracy", accuracy.report(accuracy.run(quick=args.quick)), time.perf_counter() - t0)
+    if "accuracy-demo" in args.only:
+        from bench import accuracy_demo
+
+        t0 = time.perf_counter()
+        result = accuracy_demo.run_fresh(steps=40 if args.quick else 60, observe=20 if args.quick else 30)
+        save("accuracy-demo", accuracy_demo.report(result), time.perf_counter() - t0)
     if "batch" in args.only:
         from bench import batch_baseline
 
