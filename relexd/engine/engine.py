@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from relexd._closeable import Closeable
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
 from relexd.engine.ingest import IngestReport, ingest
@@ -22,7 +23,7 @@ from relexd.io.reader import open_weights
 from relexd.state.store import Snapshot, StateStore
 
 
-class Engine:
+class Engine(Closeable):
     """Owns one state directory (exclusively, by lock) and the base model θ₀."""
 
     def __init__(
@@ -116,9 +117,3 @@ class Engine:
     def close(self) -> None:
         self.base.close()
         self.store.close()
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -19,10 +19,10 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
+from relexd._closeable import Closeable
 from relexd.errors import CheckpointError
 from relexd.io.safetensors_file import SafetensorsFile, os_error
 
@@ -117,7 +117,7 @@ class _BinFile:
         self.tensors = {}
 
 
-class WeightReader:
+class WeightReader(Closeable):
     """The weights of one checkpoint, tensor by tensor; every file was validated on open.
 
     ``names()`` is stable: files in sorted order, tensors within a file in storage order.
@@ -181,17 +181,6 @@ class WeightReader:
     def close(self) -> None:
         for file in self._files.values():
             file.close()
-
-    def __enter__(self) -> WeightReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _open_file(path: Path) -> SafetensorsFile | _BinFile:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from relexd._closeable import Closeable
 from relexd.errors import CheckpointError
 
 #: safetensors dtype codes and the torch dtypes they denote (only those this torch build has).
@@ -259,7 +260,7 @@ def read_header(path: Path) -> SafetensorsHeader:
         os.close(fd)
 
 
-class SafetensorsFile:
+class SafetensorsFile(Closeable):
     """Plain-read access to one validated file; reads tensor by tensor or element range by range.
 
     The descriptor is opened once, so every read sees the inode that was validated even if the
@@ -329,17 +330,6 @@ class SafetensorsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class StreamingSafetensorsWriter:
