@@ -70,11 +70,11 @@ def watch(
         ),
     ] = None,
     state_dir: Annotated[
-        Path | None, typer.Option(help="State directory [default: ./relexd-state].", envvar=_env("state_dir"))
+        Path | None, typer.Option(help="State directory (default: ./relexd-state).", envvar=_env("state_dir"))
     ] = None,
     preview_dir: Annotated[
         Path | None,
-        typer.Option(help="Where previews go [default: STATE_DIR/previews].", envvar=_env("preview_dir")),
+        typer.Option(help="Where previews go (default: STATE_DIR/previews).", envvar=_env("preview_dir")),
     ] = None,
     preview_ahead: Annotated[
         str | None, typer.Option(help="R[,R…]: preview at R × the newest step.", envvar=_env("preview_ahead"))
@@ -202,7 +202,7 @@ def watch(
 
 def status(
     state_dir: Annotated[
-        Path | None, typer.Option(help="State directory [default: ./relexd-state].", envvar=_env("state_dir"))
+        Path | None, typer.Option(help="State directory (default: ./relexd-state).", envvar=_env("state_dir"))
     ] = None,
     preview_dir: Annotated[
         Path | None,
