@@ -206,7 +206,7 @@ def status(
     ] = None,
     preview_dir: Annotated[
         Path | None,
-        typer.Option(help="Preview directory [default: the daemon's].", envvar=_env("preview_dir")),
+        typer.Option(help="Preview directory (default: the daemon's).", envvar=_env("preview_dir")),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
