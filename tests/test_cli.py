@@ -22,6 +22,14 @@ def relexd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relexd", *args], capture_output=True, text=True, env=env)
 
 
+def extrapolate_to_80(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`relexd extrapolate` of the fixture's run against its base, one preview at step 80."""
+    return relexd(
+        "extrapolate", str(root / "run"), "--base", str(root / "base"), "--target", "80",
+        "--out", str(root / "out"), *extra,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     planted = Planted.make(noise=1e-4)
@@ -106,16 +114,7 @@ def plant_nan(path: Path) -> None:
 )
 def test_bad_checkpoint_is_a_clear_error(run: Path, damage, file_shown: str, words: str) -> None:
     damage(run / "run" / "checkpoint-30" / "model.safetensors")
-    res = relexd(
-        "extrapolate",
-        str(run / "run"),
-        "--base",
-        str(run / "base"),
-        "--target",
-        "80",
-        "--out",
-        str(run / "out"),
-    )
+    res = extrapolate_to_80(run)
     assert res.returncode == 1
     assert "Traceback" not in res.stderr + res.stdout
     assert f"checkpoint-30/{file_shown}" in res.stderr
@@ -125,17 +124,7 @@ def test_bad_checkpoint_is_a_clear_error(run: Path, damage, file_shown: str, wor
 
 def test_skip_bad_continues_and_reports_failure(run: Path) -> None:
     plant_nan(run / "run" / "checkpoint-30" / "model.safetensors")
-    res = relexd(
-        "extrapolate",
-        str(run / "run"),
-        "--base",
-        str(run / "base"),
-        "--target",
-        "80",
-        "--out",
-        str(run / "out"),
-        "--skip-bad",
-    )
+    res = extrapolate_to_80(run, "--skip-bad")
     assert res.returncode == 1  # something was skipped: say so in the exit code
     manifest = json.loads((run / "out" / "step-80" / "relexd-preview.json").read_text())
     assert manifest["observed_steps"] == [10, 20, 40]

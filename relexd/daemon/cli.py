@@ -52,6 +52,12 @@ def _env(name: str) -> str:
     return "RELEXD_" + name.upper().replace("-", "_")
 
 
+#: --state-dir, shared by `watch` and `status` (both default to $RELEXD_STATE_DIR, then ./relexd-state)
+StateDirOption = Annotated[
+    Path | None, typer.Option(help="State directory (default: ./relexd-state).", envvar=_env("state_dir"))
+]
+
+
 def watch(
     run_dir: Annotated[
         Path, typer.Argument(help="Training run directory (may not exist yet).", envvar=_env("run_dir"))
@@ -69,9 +75,7 @@ def watch(
             callback=_load_config,
         ),
     ] = None,
-    state_dir: Annotated[
-        Path | None, typer.Option(help="State directory (default: ./relexd-state).", envvar=_env("state_dir"))
-    ] = None,
+    state_dir: StateDirOption = None,
     preview_dir: Annotated[
         Path | None,
         typer.Option(help="Where previews go (default: STATE_DIR/previews).", envvar=_env("preview_dir")),
@@ -201,9 +205,7 @@ def watch(
 
 
 def status(
-    state_dir: Annotated[
-        Path | None, typer.Option(help="State directory (default: ./relexd-state).", envvar=_env("state_dir"))
-    ] = None,
+    state_dir: StateDirOption = None,
     preview_dir: Annotated[
         Path | None,
         typer.Option(help="Preview directory (default: the daemon's).", envvar=_env("preview_dir")),
