@@ -428,11 +428,7 @@ def _next_meta(
         "last_source": str(source or ckpt.path),
         "last_time": now,
         "tensors": tensors,
-        "layout": {
-            "format": ckpt.format,
-            "files": ckpt.shard_files(),
-            "sharded": ckpt.path.is_dir() and len(ckpt.shard_files()) > 1,
-        },
+        "layout": {"format": ckpt.format, "files": ckpt.shard_files()},
         "per_tensor": per_tensor,
         "figures": figures,
         "forecasts": forecasts,

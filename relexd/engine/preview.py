@@ -1,7 +1,8 @@
 """Write a preview checkpoint θ̂_τ = θ₀ + (α + β·τ)·v as a Hugging Face-loadable directory.
 
 The preview mirrors the newest checkpoint's shard layout (same file names for safetensors; ``.bin``
-shards become ``model-…safetensors``), writes an index when the source had one, copies the loader's
+shards become ``model-…safetensors``), writes an index whenever the weights are not one
+``model.safetensors`` (transformers finds nothing else without one), copies the loader's
 non-weight files (config, tokenizer) and a ``relexd-preview.json`` manifest. It is built in a hidden
 staging directory beside its final path and published by an atomic rename, so a reader never sees a
 half-written preview. Tensors are computed and written chunk by chunk (like mergekit's shard writer,
@@ -22,6 +23,7 @@ import torch
 
 from relexd import __version__
 from relexd.engine.base import BaseModel
+from relexd.engine.config import EngineConfig
 from relexd.engine.ingest import CHUNK_ELEMS, spans
 from relexd.io.atomic import publish_dir, remove_tree
 from relexd.io.safetensors_file import DTYPES, SafetensorsFile, StreamingSafetensorsWriter
@@ -62,7 +64,7 @@ def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Pat
     staging.mkdir()
     sketch = snapshot.sketch()
     try:
-        width = meta["config"]["rank"] if meta["config"]["estimator"] == "brand" else 1
+        width = EngineConfig.from_dict(meta["config"]).width
         files = meta["layout"]["files"]
         weight_map: dict[str, str] = {}
         total = 0
@@ -77,7 +79,7 @@ def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Pat
                     _write_tensor(writer, name, dtype, snapshot, sketch, base, target, width)
                     weight_map[name] = out_name
                     total += _nbytes(specs[name])
-        if meta["layout"].get("sharded"):
+        if set(weight_map.values()) != {"model.safetensors"}:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for fname, digest in meta.get("aux", {}).items():

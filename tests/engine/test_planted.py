@@ -148,3 +148,24 @@ def test_zero_delta_tensor_stays_at_base(tmp_path: Path) -> None:
         ingest_all(engine, run, [10, 20, 30])
         preview = engine.write_preview(90, tmp_path / "p")
     assert torch.equal(load_file(str(preview / "model.safetensors"))[frozen], planted.base[frozen])
+
+
+def test_single_shard_with_index_keeps_its_index(tmp_path: Path) -> None:
+    """A source whose only weight file is not model.safetensors must get an index, or no loader
+    finds the weights."""
+    import json
+
+    planted = Planted.make(noise=0.0)
+    base, run = build_run(tmp_path, planted, [10, 20])
+    shard = "model-00001-of-00001.safetensors"
+    for s in (10, 20):
+        ckpt = run / f"checkpoint-{s}"
+        (ckpt / "model.safetensors").rename(ckpt / shard)
+        (ckpt / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": dict.fromkeys(SHAPES, shard)})
+        )
+    with Engine(tmp_path / "state", base, EngineConfig()) as engine:
+        ingest_all(engine, run, [10, 20])
+        preview = engine.write_preview(40, tmp_path / "p")
+    index = json.loads((preview / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {shard} and (preview / shard).is_file()
