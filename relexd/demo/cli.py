@@ -13,8 +13,9 @@ of the run) the trainer WAITS until the daemon has ingested checkpoint K and pub
 for 2K, 3K and 6K (their manifests name K as the newest observed step); those previews are copied
 to ``DIR/observed-previews`` and training resumes. Nothing after step K can have influenced them.
 At the end every preview, the truly trained checkpoint at the same step and the last observed
-checkpoint K are scored with the training reward on held-out prompts
-(:func:`relexd.demo.evaluate.score_checkpoint`), next to the forecast skill the daemon reported.
+checkpoint K are scored on held-out prompts with the training reward's exact expectation (and greedy
+accuracy; :func:`relexd.demo.evaluate.score_checkpoint`), next to the forecast skill the daemon
+reported.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from rich.table import Table
 from rich.text import Text
 
 from relexd.demo import train
-from relexd.demo.evaluate import score_checkpoint
+from relexd.demo.evaluate import Score, score_checkpoint
 from relexd.engine.preview import MANIFEST
 from relexd.state.store import read_snapshot
 
@@ -86,9 +87,9 @@ class DemoResult:
 
     observed_step: int
     steps: int
-    base_score: float
-    observed_score: float
-    rows: list[tuple[int, int, float, float | None]]  # (factor, target, preview, trained)
+    base_score: Score
+    observed_score: Score
+    rows: list[tuple[int, int, Score, Score | None]]  # (factor, target, preview, trained)
     at_capture: DaemonView
     at_end: DaemonView
     reward_first: float
@@ -352,7 +353,7 @@ def run_demo(
             daemon.stop()
 
     assert capture is not None
-    progress.event("scoring previews and checkpoints on held-out prompts (greedy exact answer)")
+    progress.event("scoring previews and checkpoints on held-out prompts")
     observed_score = score_checkpoint(run_dir / f"checkpoint-{observe}")
     rows = []
     for h in HORIZONS:
@@ -363,7 +364,7 @@ def run_demo(
     return DemoResult(
         observed_step=observe,
         steps=steps,
-        base_score=summary.sft_accuracy,
+        base_score=summary.base_score,
         observed_score=observed_score,
         rows=rows,
         at_capture=capture.view,
@@ -373,56 +374,93 @@ def run_demo(
     )
 
 
+def recovered_share(preview: float, trained: float, observed: float) -> float | None:
+    """Share of training's gain from the last observed step to the target that the preview recovers.
+
+    1 = as good as the trained checkpoint, 0 = no better than stopping at the last observed one,
+    negative = worse than stopping. Undefined (None) when training gained less than 0.001 expected
+    reward: a share of almost nothing would read as a large number that means nothing.
+    """
+    gain = trained - observed
+    return None if abs(gain) < 1e-3 else (preview - observed) / gain
+
+
 def print_result(result: DemoResult, console: Console) -> None:
     """The final table plus a verdict that only states what the numbers show."""
-    table = Table(title=f"previews from steps 1…{result.observed_step} vs. truly trained checkpoints")
-    for col in ("horizon", "target step", "preview", "trained", f"last observed ({result.observed_step})"):
+    k = result.observed_step
+    table = Table(title=f"expected reward of previews made from steps 1…{k} vs. truly trained checkpoints")
+    for col in ("horizon", "target step", "preview", "trained", f"last observed ({k})"):
         table.add_column(col, justify="right")
-    table.add_column("preview − trained", justify="right")
+    table.add_column("gain recovered", justify="right")
+    greedy = Table(title="greedy exact-answer accuracy of the same models")
+    for col in ("target step", "preview", "trained", f"last observed ({k})"):
+        greedy.add_column(col, justify="right")
+    last = result.observed_score
     for h, t, preview, trained in result.rows:
-        diff = None if trained is None else preview - trained
+        share = (
+            None
+            if trained is None
+            else recovered_share(preview.expected_reward, trained.expected_reward, last.expected_reward)
+        )
         table.add_row(
             f"{h}×",
             str(t),
-            _f(preview),
-            _f(trained) if trained is not None else "not trained",
-            _f(result.observed_score),
-            _f(diff, "+.3f"),
+            _f(preview.expected_reward, ".4f"),
+            _f(trained.expected_reward, ".4f") if trained is not None else "not trained",
+            _f(last.expected_reward, ".4f"),
+            _f(None if share is None else 100 * share, "+.0f") + ("" if share is None else " %"),
+        )
+        greedy.add_row(
+            str(t),
+            _f(preview.greedy_accuracy),
+            _f(trained.greedy_accuracy) if trained is not None else "not trained",
+            _f(last.greedy_accuracy),
         )
     console.print(table)
+    console.print(greedy)
     c, e = result.at_capture, result.at_end
     console.print(
-        f"score = greedy exact-answer accuracy on held-out prompts (base θ₀: {result.base_score:.3f}); "
-        f"mean sampled reward {result.reward_first:.3f} → {result.reward_last:.3f} over the run",
+        "expected reward = probability that one completion sampled as in training is exactly right, "
+        f"averaged over held-out prompts (base θ₀: {result.base_score.expected_reward:.4f}, greedy "
+        f"{result.base_score.greedy_accuracy:.3f}); mean sampled reward during training "
+        f"{result.reward_first:.3f} → {result.reward_last:.3f}",
         highlight=False,
     )
     console.print(
-        f"relexd at step {result.observed_step}: rank-1 energy {_f(c.energy)}, R² {_f(c.r2)}, "
+        f"relexd at step {k}: rank-1 energy {_f(c.energy)}, R² {_f(c.r2)}, "
         f"forecast skill {_f(c.skill, '+.3f')}"
         + (f" (ratio {c.skill_ratio:.2f})" if c.skill_ratio else "")
         + f"; at step {result.steps}: energy {_f(e.energy)}, R² {_f(e.r2)}, forecast skill "
         f"{_f(e.skill, '+.3f')}",
         highlight=False,
     )
-    first = result.rows[0]
-    if first[3] is not None:
-        preview, trained = first[2], first[3]
-        gain = preview - result.observed_score
-        close = abs(preview - trained) <= max(0.02, 0.25 * abs(trained - result.observed_score))
-        # Judge the captured previews by what relexd reported WHEN they were made (step K), not by
-        # the end-of-run skill, which no user deciding at step K could have seen.
-        if c.skill is None:
-            verdict = f"relexd had no forecast skill yet at step {result.observed_step}"
-        elif c.skill > 0:
-            verdict = f"relexd's skill at step {result.observed_step} was > 0 (it trusted the line)"
-        else:
-            verdict = f"relexd's skill at step {result.observed_step} was ≤ 0: it warned not to trust these"
-        console.print(
-            f"at 2×: preview {'beats' if gain > 0 else 'does not beat'} the last observed checkpoint "
-            f"({gain:+.3f}) and is {'close to' if close else 'far from'} the trained one "
-            f"({preview - trained:+.3f}); {verdict}",
-            highlight=False,
-        )
+    console.print(verdict(result), highlight=False)
+
+
+def verdict(result: DemoResult) -> str:
+    """One sentence on the 2× preview, judged by what relexd reported WHEN it was made (step K).
+
+    The end-of-run skill is shown separately: no user deciding at step K could have seen it.
+    """
+    _, target, preview, trained = result.rows[0]
+    k, c = result.observed_step, result.at_capture
+    last = result.observed_score.expected_reward
+    gain = preview.expected_reward - last
+    parts = [
+        f"at 2× (step {target}) the preview {'beats' if gain > 0 else 'does not beat'} the last observed "
+        f"checkpoint ({gain:+.4f} expected reward)"
+    ]
+    if trained is not None:
+        share = recovered_share(preview.expected_reward, trained.expected_reward, last)
+        if share is not None:
+            parts.append(f"recovering {100 * share:.0f} % of what training gained from step {k} to {target}")
+    if c.skill is None:
+        parts.append(f"relexd had no forecast skill yet at step {k}")
+    elif c.skill > 0:
+        parts.append(f"relexd's skill at step {k} was {c.skill:+.3f} (it trusted the line)")
+    else:
+        parts.append(f"relexd's skill at step {k} was {c.skill:+.3f}: it warned not to trust the line")
+    return "; ".join(parts)
 
 
 def register(app: typer.Typer) -> None:

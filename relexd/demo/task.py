@@ -7,7 +7,7 @@ written LEAST significant digit first (``123+456=`` → ``975$``), followed by a
 token, so the model has to decide where the answer stops; the reward is 1 only for the exact
 reversed digits followed by EOS. Reversed order makes every output digit a function of two operand
 digits plus the carry just produced, so a partly trained model's errors concentrate on one skill
-shared by all prompts (carrying) instead of being prompt-specific: measured on the SFT base, exact
+shared by all prompts (carrying) instead of being prompt-specific: measured on a partly trained base, exact
 expected-reward gradients of two disjoint 512-prompt batches have cosine 0.69–0.88 (most-significant
 first: 0.02).
 

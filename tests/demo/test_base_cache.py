@@ -23,8 +23,13 @@ def test_second_call_reuses_identical_base(tmp_path: Path) -> None:
 
 def test_cache_key_changes_with_what_the_base_depends_on() -> None:
     cfg = ModelConfig()
-    key = train.base_cache_key(0, steps=10, batch_size=8, lr=1e-3, config=cfg)
-    assert key == train.base_cache_key(0, steps=10, batch_size=8, lr=1e-3, config=cfg)
-    assert key != train.base_cache_key(1, steps=10, batch_size=8, lr=1e-3, config=cfg)
-    assert key != train.base_cache_key(0, steps=11, batch_size=8, lr=1e-3, config=cfg)
-    assert key != train.base_cache_key(0, steps=10, batch_size=8, lr=1e-3, config=ModelConfig(hidden_size=64))
+    shape = dict(steps=10, batch_size=8, lr=1e-3, label_smoothing=0.3)
+
+    def key(seed: int = 0, config: ModelConfig = cfg, **changes: float) -> str:
+        return train.base_cache_key(seed, config=config, **{**shape, **changes})  # type: ignore[arg-type]
+
+    assert key() == key()
+    assert key() != key(seed=1)
+    assert key() != key(steps=11)
+    assert key() != key(label_smoothing=0.1)
+    assert key() != key(config=ModelConfig(hidden_size=64))

@@ -19,7 +19,8 @@ def test_demo_runs_non_interactively_and_prints_the_table(tmp_path: Path) -> Non
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "previews from steps 1…2" in out
+    assert "previews made from steps 1…2" in out
+    assert "greedy exact-answer accuracy" in out
     for target in ("4", "6", "12"):  # 2×, 3×, 6× of the observed prefix
         assert (keep / "observed-previews" / f"step-{target}" / "relexd-preview.json").is_file()
     assert "forecast skill" in out
