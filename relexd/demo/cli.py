@@ -452,8 +452,10 @@ def verdict(result: DemoResult) -> str:
     ]
     if trained is not None:
         share = recovered_share(preview.expected_reward, trained.expected_reward, last)
-        if share is not None:
+        if share is not None and share >= 0:
             parts.append(f"recovering {100 * share:.0f} % of what training gained from step {k} to {target}")
+        elif share is not None:
+            parts.append(f"worse than stopping at step {k} ({100 * share:.0f} % of training's gain)")
     if c.skill is None:
         parts.append(f"relexd had no forecast skill yet at step {k}")
     elif c.skill > 0:
