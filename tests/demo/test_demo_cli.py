@@ -26,3 +26,23 @@ def test_demo_runs_non_interactively_and_prints_the_table(tmp_path: Path) -> Non
     assert "forecast skill" in out
     assert (keep / "run" / "checkpoint-12" / "trainer_state.json").is_file()
     assert "\x1b[" not in out  # no TTY: plain lines, no live-view escape codes
+
+
+def test_recovered_share_and_verdict_state_what_the_numbers_show() -> None:
+    from relexd.demo.cli import DaemonView, DemoResult, recovered_share, verdict
+    from relexd.demo.evaluate import Score
+
+    assert recovered_share(0.30, 0.30, 0.20) == pytest.approx(1.0)
+    assert recovered_share(0.20, 0.30, 0.20) == pytest.approx(0.0)
+    assert recovered_share(0.10, 0.30, 0.20) == pytest.approx(-1.0)
+    assert recovered_share(0.5, 0.2005, 0.2) is None  # a share of almost no gain means nothing
+
+    def result(preview: float, skill: float) -> DemoResult:
+        rows = [(2, 60, Score(preview, 1.0), Score(0.30, 1.0))]
+        return DemoResult(30, 200, Score(0.2, 1.0), Score(0.20, 1.0), rows, DaemonView(skill=skill),
+                          DaemonView(skill=skill), 0.2, 0.3)  # fmt: skip
+
+    good = verdict(result(0.29, 0.4))
+    assert "beats" in good and "recovering 90 %" in good and "+0.400 (it trusted the line)" in good
+    bad = verdict(result(0.15, -0.5))
+    assert "does not beat" in bad and "worse than stopping at step 30" in bad and "warned" in bad
