@@ -22,7 +22,7 @@ from rich.console import Console
 
 from bench.common import markdown_table
 from relexd.demo import train
-from relexd.demo.cli import DemoResult, recovered_share, run_demo
+from relexd.demo.cli import DemoResult, run_demo
 
 #: (learning rate, seed) pairs of the full table: the default on three seeds, an intermediate rate,
 #: and the collapsing one.
@@ -64,12 +64,8 @@ def report(results: list[tuple[float, int, DemoResult, float]]) -> str:
     rows = []
     for lr, seed, r, seconds in results:
         last = r.observed_score.expected_reward
-        for i, (h, target, preview, trained) in enumerate(r.rows):
-            share = (
-                None
-                if trained is None
-                else recovered_share(preview.expected_reward, trained.expected_reward, last)
-            )
+        shares = r.recovered_shares()
+        for i, ((h, target, preview, trained), share) in enumerate(zip(r.rows, shares, strict=True)):
             first = i == 0
             rows.append([
                 f"{lr:g}" if first else "", str(seed) if first else "", f"{h}×", target,

@@ -95,6 +95,14 @@ class DemoResult:
     reward_first: float
     reward_last: float
 
+    def recovered_shares(self) -> list[float | None]:
+        """Per row, :func:`recovered_share` of the preview's expected reward (None if not trained)."""
+        last = self.observed_score.expected_reward
+        return [
+            None if trained is None else recovered_share(p.expected_reward, trained.expected_reward, last)
+            for _, _, p, trained in self.rows
+        ]
+
 
 def free_port() -> int:
     """A currently free local TCP port for the daemon's metrics endpoint."""
@@ -306,7 +314,7 @@ def run_demo(
     progress = Progress(console, steps, observe, lr)
     with progress:
         t0 = time.perf_counter()
-        cached = train.ensure_base(base, seed, steps=sft_steps, cache_dir=cache_dir)
+        cached = train.ensure_base(base, seed, train.Warmup(steps=sft_steps), cache_dir=cache_dir)
         how = "from the cache" if cached else f"by {sft_steps} supervised steps"
         progress.event(f"base model θ₀ ready {how} in {time.perf_counter() - t0:.1f} s: {base}")
 
@@ -396,12 +404,7 @@ def print_result(result: DemoResult, console: Console) -> None:
     for col in ("target step", "preview", "trained", f"last observed ({k})"):
         greedy.add_column(col, justify="right")
     last = result.observed_score
-    for h, t, preview, trained in result.rows:
-        share = (
-            None
-            if trained is None
-            else recovered_share(preview.expected_reward, trained.expected_reward, last.expected_reward)
-        )
+    for (h, t, preview, trained), share in zip(result.rows, result.recovered_shares(), strict=True):
         table.add_row(
             f"{h}×",
             str(t),
@@ -442,7 +445,7 @@ def verdict(result: DemoResult) -> str:
 
     The end-of-run skill is shown separately: no user deciding at step K could have seen it.
     """
-    _, target, preview, trained = result.rows[0]
+    _, target, preview, _ = result.rows[0]
     k, c = result.observed_step, result.at_capture
     last = result.observed_score.expected_reward
     gain = preview.expected_reward - last
@@ -450,12 +453,11 @@ def verdict(result: DemoResult) -> str:
         f"at 2× (step {target}) the preview {'beats' if gain > 0 else 'does not beat'} the last observed "
         f"checkpoint ({gain:+.4f} expected reward)"
     ]
-    if trained is not None:
-        share = recovered_share(preview.expected_reward, trained.expected_reward, last)
-        if share is not None and share >= 0:
-            parts.append(f"recovering {100 * share:.0f} % of what training gained from step {k} to {target}")
-        elif share is not None:
-            parts.append(f"worse than stopping at step {k} ({100 * share:.0f} % of training's gain)")
+    share = result.recovered_shares()[0]
+    if share is not None and share >= 0:
+        parts.append(f"recovering {100 * share:.0f} % of what training gained from step {k} to {target}")
+    elif share is not None:
+        parts.append(f"worse than stopping at step {k} ({100 * share:.0f} % of training's gain)")
     if c.skill is None:
         parts.append(f"relexd had no forecast skill yet at step {k}")
     elif c.skill > 0:

@@ -17,6 +17,8 @@ scored on the same set.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -45,18 +47,27 @@ def held_out_set(n_prompts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return task.sample_operands(n_prompts, g, held_out=True)
 
 
+@contextmanager
+def _eval_mode(model: TinyCausalLM) -> Iterator[None]:
+    """Evaluation mode for the duration, then the caller's mode back (scoring runs mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def answer_probabilities(model: TinyCausalLM, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per prompt, the probability that a temperature-1 sample is exactly the right answer (float64).
 
     Tokens after the answer's EOS are never scored by the reward, so they carry no factor here.
     """
-    was_training = model.training
-    model.eval()
     target, _ = task.answer_tokens(a, b)
     seq = torch.cat([task.encode_prompts(a, b), target], dim=1)
-    logits, _ = model(seq[:, :-1])
-    model.train(was_training)
+    with _eval_mode(model):
+        logits, _ = model(seq[:, :-1])
     logp = torch.log_softmax(logits[:, task.PROMPT_LEN - 1 :, :].double(), dim=-1)
     token_logp = torch.gather(logp, 2, target.unsqueeze(2)).squeeze(2)
     return torch.exp((token_logp * task.completion_mask(target).double()).sum(dim=1))
@@ -65,10 +76,8 @@ def answer_probabilities(model: TinyCausalLM, a: torch.Tensor, b: torch.Tensor) 
 @torch.no_grad()
 def greedy_accuracy(model: TinyCausalLM, a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of prompts whose greedy (argmax) completion is exactly right."""
-    was_training = model.training
-    model.eval()
-    completions = model.generate(task.encode_prompts(a, b), task.MAX_ANSWER_LEN, greedy=True)
-    model.train(was_training)
+    with _eval_mode(model):
+        completions = model.generate(task.encode_prompts(a, b), task.MAX_ANSWER_LEN, greedy=True)
     return float(task.reward(a, b, completions).mean())
 
 

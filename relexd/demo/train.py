@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -118,31 +118,53 @@ def configure_torch(num_threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def sft_warmup(
-    seed: int = 0,
-    *,
-    steps: int = SFT_STEPS,
-    batch_size: int = SFT_BATCH,
-    lr: float = SFT_LR,
-    label_smoothing: float = SFT_LABEL_SMOOTHING,
-    config: ModelConfig | None = None,
-) -> TinyCausalLM:
+@dataclass(frozen=True)
+class Warmup:
+    """Everything the warm-up's result depends on besides the seed (and the torch build)."""
+
+    steps: int = SFT_STEPS
+    batch_size: int = SFT_BATCH
+    lr: float = SFT_LR
+    label_smoothing: float = SFT_LABEL_SMOOTHING
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def cache_key(self, seed: int) -> str:
+        """Short hash of everything the warm-up result depends on.
+
+        The warm-up is deterministic for a given seed, these fields and the torch build (the thread
+        count is fixed by :func:`configure_torch` callers, and the SFT math is deterministic), so a
+        base cached under this key is the same model a fresh warm-up would produce; the torch version
+        is part of the key because kernels may change bits between releases. Built from the fields
+        themselves, so a field added later cannot be left out of it.
+        """
+        doc: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        doc |= {
+            "version": BASE_CACHE_VERSION,
+            "seed": seed,
+            "config": self.model.to_dict(),
+            "torch": torch.__version__,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sft_warmup(seed: int = 0, warmup: Warmup | None = None) -> TinyCausalLM:
     """Train a fresh model on teacher-forced, label-smoothed answers; returns θ₀.
 
     A fixed number of steps on a schedule that decays to zero (deterministic, and converged for the
     default budget); the smoothing keeps the converged model's sampled answers imperfect, which is
     the room RL has to improve.
     """
+    w = warmup or Warmup()
     torch.manual_seed(seed * 1_000_003 + _INIT_STREAM)  # nn.Module init uses the global RNG
-    model = TinyCausalLM(config or ModelConfig())
+    model = TinyCausalLM(w.model)
     g = _generator(seed, _SFT_STREAM)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 20) * max(0.0, 1.0 - i / steps)
+        opt, lambda i: min(1.0, (i + 1) / 20) * max(0.0, 1.0 - i / w.steps)
     )
     model.train()
-    for _ in range(steps):
-        a, b = task.sample_operands(batch_size, g)
+    for _ in range(w.steps):
+        a, b = task.sample_operands(w.batch_size, g)
         target, _ = task.answer_tokens(a, b)
         seq = torch.cat([task.encode_prompts(a, b), target], dim=1)
         logits, _ = model(seq[:, :-1])
@@ -152,7 +174,7 @@ def sft_warmup(
             pred.reshape(-1, pred.shape[-1]),
             target.reshape(-1),
             reduction="none",
-            label_smoothing=label_smoothing,
+            label_smoothing=w.label_smoothing,
         )
         loss = (nll * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -162,8 +184,8 @@ def sft_warmup(
     return model
 
 
-#: Bump when anything that shapes the warm-up changes in a way the cache key below cannot see (the
-#: task encoding, the SFT loss, the init): it invalidates every cached base.
+#: Bump when anything that shapes the warm-up changes in a way :meth:`Warmup.cache_key` cannot see
+#: (the task encoding, the SFT loss, the init): it invalidates every cached base.
 BASE_CACHE_VERSION = 3  # 2: answers least significant digit first; 3: label smoothing
 
 
@@ -173,45 +195,8 @@ def default_cache_dir() -> Path:
     return Path(root) / "relexd"
 
 
-def base_cache_key(
-    seed: int,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    label_smoothing: float,
-    config: ModelConfig,
-) -> str:
-    """Short hash of everything the warm-up result depends on.
-
-    The warm-up is deterministic for a given seed, budget, architecture and torch build (the thread
-    count is fixed by :func:`configure_torch` callers, and the SFT math is deterministic), so a base
-    cached under this key is the same model a fresh warm-up would produce; the torch version is part
-    of the key because kernels may change bits between releases.
-    """
-    doc = {
-        "version": BASE_CACHE_VERSION,
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "label_smoothing": label_smoothing,
-        "config": config.to_dict(),
-        "torch": torch.__version__,
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def ensure_base(
-    dest: Path,
-    seed: int = 0,
-    *,
-    steps: int = SFT_STEPS,
-    batch_size: int = SFT_BATCH,
-    lr: float = SFT_LR,
-    label_smoothing: float = SFT_LABEL_SMOOTHING,
-    config: ModelConfig | None = None,
-    cache_dir: Path | None = None,
+    dest: Path, seed: int = 0, warmup: Warmup | None = None, *, cache_dir: Path | None = None
 ) -> bool:
     """Put the warm-up base model θ₀ into ``dest``; returns True if it came from the cache.
 
@@ -220,15 +205,13 @@ def ensure_base(
     ``cache_dir=None`` uses the default; pass a path to isolate (tests). The cache entry is written
     aside and renamed into place, so a killed run never leaves a half-written base behind.
     """
-    cfg = config or ModelConfig()
+    w = warmup or Warmup()
     cache_root = cache_dir if cache_dir is not None else default_cache_dir()
-    shape = dict(steps=steps, batch_size=batch_size, lr=lr, label_smoothing=label_smoothing)
-    key = base_cache_key(seed, config=cfg, **shape)
-    cached = cache_root / f"demo-base-{key}"
+    cached = cache_root / f"demo-base-{w.cache_key(seed)}"
     if (cached / "model.safetensors").is_file() and (cached / "config.json").is_file():
         shutil.copytree(cached, dest, dirs_exist_ok=True)
         return True
-    model = sft_warmup(seed, config=cfg, **shape)
+    model = sft_warmup(seed, w)
     model.save_pretrained(dest)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
@@ -262,14 +245,13 @@ def rl_step(
     *,
     prompts_per_step: int,
     samples_per_prompt: int,
-    normalize_std: bool = False,
 ) -> tuple[float, float]:
     """One on-policy group-relative policy-gradient update; returns (mean reward, loss).
 
-    Advantage = reward − group mean (Dr. GRPO style, no division by the group std by default: with
-    0/1 rewards the std division up-weights nearly-solved and nearly-hopeless prompts, which makes
-    the update direction noisier). Loss = −mean over all completions of advantage × summed
-    log-probability of the completion tokens up to EOS. Completions whose advantage is exactly 0
+    Advantage = reward − group mean (Dr. GRPO style, no division by the group std: with 0/1 rewards
+    the std division up-weights nearly-solved and nearly-hopeless prompts, which makes the update
+    direction noisier). Loss = −mean over all completions of advantage × summed log-probability of
+    the completion tokens up to EOS. Completions whose advantage is exactly 0
     contribute no gradient, so only groups with mixed rewards are re-run with autograd.
     """
     a, b = task.sample_operands(prompts_per_step, prompt_gen)
@@ -279,10 +261,7 @@ def rl_step(
     completions = model.generate(prompts, task.MAX_ANSWER_LEN, generator=sample_gen)
     rewards = task.reward(a, b, completions)
     grouped = rewards.view(prompts_per_step, samples_per_prompt)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
-    if normalize_std:
-        adv = adv / (grouped.std(dim=1, keepdim=True) + 1e-4)
-    adv = adv.reshape(-1)
+    adv = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
 
     opt.zero_grad(set_to_none=False)
     sel = adv != 0
@@ -313,7 +292,6 @@ def train_run(
     prompts_per_step: int = DEFAULT_PROMPTS_PER_STEP,
     samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT,
     num_threads: int = 2,
-    normalize_std: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
     stop: threading.Event | None = None,
 ) -> RunSummary:
@@ -359,7 +337,6 @@ def train_run(
             sample_gen,
             prompts_per_step=prompts_per_step,
             samples_per_prompt=samples_per_prompt,
-            normalize_std=normalize_std,
         )
         rewards.append(mean_reward)
         log_history.append({"step": step, "reward": mean_reward, "loss": loss, "learning_rate": lr})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relexd.demo.train import BASE_DIR_NAME, configure_torch, sft_warmup
+from relexd.demo.train import BASE_DIR_NAME, Warmup, configure_torch, sft_warmup
 
 #: Warm-up budget for tests: enough to make a real (if weak) model, small enough to take ~1 s.
 TEST_SFT_STEPS = 20
@@ -23,7 +23,7 @@ def cached_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory holding a tiny-budget (seed 0) warm-up model."""
     configure_torch(1)
     d = tmp_path_factory.mktemp("base") / BASE_DIR_NAME
-    sft_warmup(0, steps=TEST_SFT_STEPS, batch_size=TEST_SFT_BATCH).save_pretrained(d)
+    sft_warmup(0, Warmup(steps=TEST_SFT_STEPS, batch_size=TEST_SFT_BATCH)).save_pretrained(d)
     return d
 
 

@@ -100,11 +100,7 @@ def test_untrained_model_scores_zero(tmp_path: Path) -> None:
 
 def test_held_out_set_is_fixed() -> None:
     a, b = held_out_set(256, 7)
-    assert bool(is_held_out_all(a, b))
+    assert bool(task.is_held_out(a, b).all())
     assert a.shape == (256,)
     a2, b2 = held_out_set.__wrapped__(256, 7)
     assert torch.equal(a, a2) and torch.equal(b, b2)
-
-
-def is_held_out_all(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(task.is_held_out(a, b).all())

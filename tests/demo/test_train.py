@@ -53,8 +53,8 @@ def test_two_runs_are_bitwise_identical(
 def test_sft_warmup_is_deterministic_short() -> None:
     """The warm-up itself is deterministic (checked on a short warm-up to keep tests fast)."""
     train.configure_torch(1)
-    m1 = train.sft_warmup(5, steps=4, batch_size=16)
-    m2 = train.sft_warmup(5, steps=4, batch_size=16)
+    m1 = train.sft_warmup(5, train.Warmup(steps=4, batch_size=16))
+    m2 = train.sft_warmup(5, train.Warmup(steps=4, batch_size=16))
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert torch.equal(v1, v2), k
 
