@@ -19,12 +19,13 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from types import TracebackType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
+
+from relexd._closeable import Closeable
 
 __all__ = ["HttpServer", "ReadinessCheck", "make_app", "parse_listen", "start_http"]
 
@@ -126,8 +127,9 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         log.warning("http request from %s failed", client_address, exc_info=True)
 
 
-class HttpServer:
-    """A running endpoint; ``shutdown()`` stops it and joins its thread (also a context manager)."""
+class HttpServer(Closeable):
+    """A running endpoint; ``shutdown()`` (or ``close()``, or leaving ``with``) stops it and joins its
+    thread."""
 
     def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
         self._server = server
@@ -149,15 +151,7 @@ class HttpServer:
             self._thread.join(timeout)
         self._server.server_close()
 
-    def __enter__(self) -> HttpServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
         self.shutdown()
 
 
