@@ -21,7 +21,8 @@ import torch
 
 from bench.accuracy import ESTIMATORS, batch_top, preview, stream
 from bench.common import markdown_table
-from relexd.demo.train import BASE_DIR_NAME, configure_torch, ensure_base, train_run
+from relexd.demo.bases import ensure_base
+from relexd.demo.train import BASE_DIR_NAME, configure_torch, train_run
 from relexd.io.reader import open_weights
 
 F64 = torch.float64
@@ -73,7 +74,7 @@ def run_fresh(steps: int = 60, observe: int = 30) -> dict[str, Any]:
     """Train the demo's RL run into a temporary directory and measure it."""
     with tempfile.TemporaryDirectory(prefix="relexd-bench-demo-") as tmp:
         configure_torch(1)
-        ensure_base(Path(tmp) / BASE_DIR_NAME, 0)  # the demo's own base, from its cache when there
+        ensure_base(Path(tmp) / BASE_DIR_NAME, 0)  # the demo's own (shipped) base
         train_run(Path(tmp), steps=steps, num_threads=1)
         return run(Path(tmp), observe)
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from relexd.daemon.config import WatchSettings, default_state_dir, load_toml, parse_list
@@ -232,7 +231,7 @@ def status(
 
 def _fail(message: str) -> Any:
     """A clear one-line error and exit status 2, no traceback (these are user errors)."""
-    click.echo(f"relexd: error: {message}", err=True)
+    typer.echo(f"relexd: error: {message}", err=True)
     raise typer.Exit(2)
 
 

@@ -41,7 +41,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from relexd.demo import train
+from relexd.demo import bases, train
 from relexd.demo.evaluate import Score, score_checkpoint
 from relexd.engine.preview import MANIFEST
 from relexd.state.store import read_snapshot
@@ -314,9 +314,9 @@ def run_demo(
     progress = Progress(console, steps, observe, lr)
     with progress:
         t0 = time.perf_counter()
-        cached = train.ensure_base(base, seed, train.Warmup(steps=sft_steps), cache_dir=cache_dir)
-        how = "from the cache" if cached else f"by {sft_steps} supervised steps"
-        progress.event(f"base model θ₀ ready {how} in {time.perf_counter() - t0:.1f} s: {base}")
+        source = bases.ensure_base(base, seed, train.Warmup(steps=sft_steps), cache_dir=cache_dir)
+        how = f"by {sft_steps} supervised steps" if source is bases.BaseSource.TRAINED else source.value
+        progress.event(f"base model θ₀ ready ({how}) in {time.perf_counter() - t0:.1f} s: {base}")
 
         daemon = Daemon(run_dir, base, state_dir, preview_dir, workdir / "relexd-watch.log")
         progress.event(

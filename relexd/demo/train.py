@@ -6,8 +6,8 @@ warm-up trains (reversed-answer) addition to convergence with label smoothing, w
 that knows the answer — its greedy answer is right — but spreads probability over wrong digits, so a
 sampled answer is exactly right only ~1 time in 4: the situation of a pretrained model RLVR starts
 from, where RL sharpens a distribution rather than teaching a new skill. That model is θ₀, saved in
-``run_dir/base/``. (With one thread the warm-up takes ~50 s, so :func:`ensure_base` caches it under
-``~/.cache/relexd``; it is deterministic, so that is safe.) The RL loop then samples
+``run_dir/base/``. (With one thread the warm-up takes 50-130 s, so the demo's default bases ship with
+relexd, like any pretrained model a user starts RL from; :mod:`relexd.demo.bases`.) The RL loop then samples
 a group of completions per prompt, rewards exact answers, and pushes up the log-probability of
 completions that beat their group's mean — GRPO without clipping/KL, which is exact on-policy policy
 gradient because every batch is sampled from the current weights and used for one update.
@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -128,22 +125,23 @@ class Warmup:
     label_smoothing: float = SFT_LABEL_SMOOTHING
     model: ModelConfig = field(default_factory=ModelConfig)
 
-    def cache_key(self, seed: int) -> str:
-        """Short hash of everything the warm-up result depends on.
+    def recipe(self, seed: int) -> dict[str, object]:
+        """Everything the warm-up result depends on except the torch build, as plain JSON.
 
-        The warm-up is deterministic for a given seed, these fields and the torch build (the thread
-        count is fixed by :func:`configure_torch` callers, and the SFT math is deterministic), so a
-        base cached under this key is the same model a fresh warm-up would produce; the torch version
-        is part of the key because kernels may change bits between releases. Built from the fields
-        themselves, so a field added later cannot be left out of it.
+        Built from the fields themselves, so a field added later cannot be left out of it.
         """
         doc: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
-        doc |= {
-            "version": BASE_CACHE_VERSION,
-            "seed": seed,
-            "config": self.model.to_dict(),
-            "torch": torch.__version__,
-        }
+        return doc | {"version": BASE_CACHE_VERSION, "seed": seed, "config": self.model.to_dict()}
+
+    def cache_key(self, seed: int) -> str:
+        """Short hash of the recipe and the torch build: the name of a cached base.
+
+        The warm-up is deterministic for a given recipe and torch build (the thread count is fixed
+        by :func:`configure_torch` callers, and the SFT math is deterministic), so a base cached under
+        this key is the same model a fresh warm-up would produce; the torch version is part of the
+        key because kernels may change bits between releases.
+        """
+        doc = self.recipe(seed) | {"torch": torch.__version__}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -185,45 +183,8 @@ def sft_warmup(seed: int = 0, warmup: Warmup | None = None) -> TinyCausalLM:
 
 
 #: Bump when anything that shapes the warm-up changes in a way :meth:`Warmup.cache_key` cannot see
-#: (the task encoding, the SFT loss, the init): it invalidates every cached base.
+#: (the task encoding, the SFT loss, the init): it invalidates every cached and shipped base.
 BASE_CACHE_VERSION = 3  # 2: answers least significant digit first; 3: label smoothing
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/relexd`` or ``~/.cache/relexd``: where warm-up bases are kept."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "relexd"
-
-
-def ensure_base(
-    dest: Path, seed: int = 0, warmup: Warmup | None = None, *, cache_dir: Path | None = None
-) -> bool:
-    """Put the warm-up base model θ₀ into ``dest``; returns True if it came from the cache.
-
-    The warm-up is the slowest part of a first demo run, and it is deterministic, so the result is
-    kept in ``cache_dir/demo-base-<key>`` (default :func:`default_cache_dir`) and copied on later runs.
-    ``cache_dir=None`` uses the default; pass a path to isolate (tests). The cache entry is written
-    aside and renamed into place, so a killed run never leaves a half-written base behind.
-    """
-    w = warmup or Warmup()
-    cache_root = cache_dir if cache_dir is not None else default_cache_dir()
-    cached = cache_root / f"demo-base-{w.cache_key(seed)}"
-    if (cached / "model.safetensors").is_file() and (cached / "config.json").is_file():
-        shutil.copytree(cached, dest, dirs_exist_ok=True)
-        return True
-    model = sft_warmup(seed, w)
-    model.save_pretrained(dest)
-    try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-demo-base-", dir=cache_root))
-        shutil.copytree(dest, staging, dirs_exist_ok=True)
-        try:
-            os.replace(staging, cached)
-        except OSError:  # another run published it first: theirs is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError:
-        pass  # an unwritable cache only costs the next run another warm-up
-    return False
 
 
 def _write_checkpoint(
