@@ -19,7 +19,7 @@ from relexd.daemon.cli import register as register_daemon
 from relexd.demo.cli import register as register_demo
 from relexd.engine import DEFAULT_RANK, Engine, EngineConfig
 from relexd.errors import CheckpointError, RelexdError
-from relexd.io.layouts import scan_run
+from relexd.io.layouts import CheckpointRef, scan_run
 from relexd.math.sketch import ESTIMATORS
 
 app = typer.Typer(
@@ -85,6 +85,9 @@ def extrapolate(
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable checkpoints instead of stopping at the first.")
     ] = False,
+    every: Annotated[
+        int, typer.Option(min=1, help="Ingest only checkpoints at least N steps after the last ingested one.")
+    ] = 1,
     threads: Annotated[
         int,
         typer.Option(
@@ -102,6 +105,7 @@ def extrapolate(
             window=window,
             horizons=parse_horizons(horizon),
             anchor_dtype=anchor_dtype,
+            every=every,
         )
         refs = [r for r in scan_run(run_dir).complete if upto is None or r.step <= upto]
     except RelexdError as exc:
@@ -127,9 +131,7 @@ def extrapolate(
     failed = 0
     try:
         with Engine(state_dir, base, config, threads=threads) as engine:
-            done = set(engine.steps)
-            todo = [r for r in refs if r.step not in done and (not done or r.step > max(done))]
-            failed = _ingest_all(engine, todo, skip_bad)
+            failed = _ingest_all(engine, refs, skip_bad)
             if not engine.steps:
                 raise RelexdError("no checkpoint could be ingested; no preview written")
             written = [engine.write_preview(t, out) for t in targets]
@@ -144,12 +146,23 @@ def extrapolate(
 
 
 def _ingest_all(engine: Engine, refs: list, skip_bad: bool) -> int:
-    total = sum(engine.base.reader.info(n).numel for n in engine.base.tracked) * len(refs)
+    """Ingest, in order, the checkpoints newer than the state's newest (a resumed state skips what
+    it has) that ``--every`` takes — decided against the last one actually ingested, as the daemon
+    does; returns how many were unreadable."""
+
+    def wanted(ref: CheckpointRef) -> bool:
+        last = engine.steps[-1] if engine.steps else None
+        return (last is None or ref.step > last) and engine.config.takes(ref.step, last)
+
+    numel = sum(engine.base.reader.info(n).numel for n in engine.base.tracked)
     failed = 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("reading checkpoints", total=total)
+        task = progress.add_task("reading checkpoints", total=numel * len(refs))
         for ref in refs:
+            if not wanted(ref):
+                progress.advance(task, numel)
+                continue
             progress.update(task, description=f"step {ref.step}")
             try:
                 engine.ingest(

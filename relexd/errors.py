@@ -28,6 +28,12 @@ REASONS = (
     "io",  # any other OS error
 )
 
+#: Why a checkpoint the trainer saved was not read (``relexd_checkpoints_missed_total{reason}``).
+MISSED_REASONS = (
+    "rotated",  # seen, but deleted by the trainer before or while relexd read it
+    "gap",  # never seen, but the trainer's records say it was saved
+)
+
 
 class RelexdError(Exception):
     """Base class of every error relexd raises on purpose (shown without a traceback)."""

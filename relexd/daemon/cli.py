@@ -114,8 +114,28 @@ def watch(
         float, typer.Option(help="Full rescan every S seconds.", envvar=_env("reconcile_interval"))
     ] = 30.0,
     debounce: Annotated[
-        float, typer.Option(help="Quiet time after file events, s.", envvar=_env("debounce"))
+        float,
+        typer.Option(
+            help="Marker-less checkpoints (OpenRLHF, plain): unchanged this long, s, counts as complete.",
+            envvar=_env("debounce"),
+        ),
     ] = 2.0,
+    every: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Ingest only checkpoints at least N steps after the last ingested one (recorded).",
+            envvar=_env("every"),
+        ),
+    ] = 1,
+    max_pinned: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Complete checkpoints held open until read, so rotation cannot take them (disk!).",
+            envvar=_env("max_pinned"),
+        ),
+    ] = 4,
     estimator: Annotated[str, typer.Option(help="brand or oja.", envvar=_env("estimator"))] = "brand",
     sketch_rank: Annotated[
         int, typer.Option(help="Sketch rank k.", envvar=_env("sketch_rank"))
@@ -179,12 +199,14 @@ def watch(
             hook_timeout=hook_timeout,
             reconcile_interval=reconcile_interval,
             debounce=debounce,
+            max_pinned=max_pinned,
             engine=EngineConfig(
                 estimator=estimator,
                 rank=sketch_rank,
                 window=window,
                 horizons=parse_list(horizon, float, "horizon"),
                 anchor_dtype=anchor_dtype,
+                every=every,
             ),
             listen=listen or None,
             per_tensor_metrics=per_tensor_metrics,

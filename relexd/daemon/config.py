@@ -41,7 +41,10 @@ class WatchSettings:
     on_preview: str | None = None
     hook_timeout: float = 3600.0
     reconcile_interval: float = 30.0
-    debounce: float = 2.0
+    debounce: float = 2.0  # marker-less layouts: per checkpoint, files unchanged this long
+    #: Complete checkpoints held open until ingested (relexd.daemon.pins): each one that the trainer
+    #: deletes meanwhile keeps its disk space until relexd has read it.
+    max_pinned: int = 4
     engine: EngineConfig = field(default_factory=EngineConfig)
     listen: str | None = None  # None: no HTTP endpoint
     per_tensor_metrics: bool = False
@@ -62,6 +65,8 @@ class WatchSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.debounce < 0:
             raise ConfigError("--debounce must be ≥ 0")
+        if self.max_pinned < 0:
+            raise ConfigError("--max-pinned must be ≥ 0")
         run = self.run_dir.resolve()
         previews = self.previews.resolve()
         if previews == run or run in previews.parents:

@@ -2,14 +2,23 @@
 
 Threads and who does what:
 
-* the **worker** (one thread) owns the engine: it scans the run directory, ingests every newly
-  complete checkpoint in step order, then refreshes previews. One thread means strict order
-  and no locking around the state.
-* the **observer** (watchdog) and the **reconcile job** (apscheduler) only wake the worker up:
-  events are hints (debounced), the job is the safety net for anything the observer missed.
+* the **scout** (one thread) scans the run directory whenever something happens there: file
+  events and the reconcile job wake it, and a scan is cheap (listings, stats, marker files). It
+  decides which checkpoints are complete, pins them so the trainer's rotation cannot take them
+  unread, and notices the ones that vanished unread (:mod:`relexd.daemon.intake`).
+* the **worker** (one thread) owns the engine: it ingests the ready checkpoints in step order,
+  then refreshes previews. One thread means strict order and no locking around the state.
+* the **observer** (watchdog) and the **reconcile job** (apscheduler) only wake the scout up:
+  events are hints (and name checkpoints that may be gone before a scan), the job is the safety
+  net for anything the observer missed.
 * the **hook executor** runs ``--on-preview`` commands so an evaluation never delays ingestion.
 * the **main thread** handles signals, systemd notifications and the watchdog ping, pinging only
   while the other threads are alive.
+
+A checkpoint with a trainer marker is read as soon as the marker appears (no global debounce:
+a trainer that writes every second would never let the run directory go quiet). What relexd did
+not read is said: logged with step and path, counted in ``relexd_checkpoints_missed_total``, and
+kept in the state directory's ``missed.json`` (:mod:`relexd.daemon.missed`).
 
 Crash safety comes from the engine (atomic generations) and from being idempotent here: on start
 every checkpoint whose step is already in the state is skipped and missing or stale previews are
@@ -22,9 +31,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -35,53 +42,39 @@ from relexd import __version__
 from relexd.daemon import previews as pv
 from relexd.daemon.config import WatchSettings
 from relexd.daemon.hook import PreviewHook
+from relexd.daemon.intake import Intake, ScanNews, Waiting
+from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
 from relexd.engine.engine import Engine
 from relexd.engine.ingest import IngestReport, Interrupted
 from relexd.engine.preview import preview_name
 from relexd.errors import CheckpointError
 from relexd.io.atomic import write_json_atomic
-from relexd.io.layouts import HF_MARKER, VERL_TRACKER, CheckpointRef, scan_run, size_signature
+from relexd.io.layouts import CheckpointRef
 from relexd.state.store import StateWriteError
 from relexd.telemetry import ForecastFigures, RelexdMetrics, sdnotify, start_http
 from relexd.telemetry.http import HttpServer, make_app
 
 log = structlog.get_logger("relexd.daemon")
 
-#: Layouts without a completion marker: complete only once their files stop changing.
-MARKERLESS = frozenset({"openrlhf", "plain", "file"})
-#: How long a complete checkpoint waits behind a lower, still incomplete one before going ahead
-#: (ingesting it first would make the lower one out of order forever).
-HOLD_BEHIND_PENDING_S = 120.0
 #: Backoff after a failed state write (disk full): doubles up to the maximum.
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 300.0
+#: Least time between two scans: a burst of file events costs one scan, not one each.
+SCAN_GAP_S = 0.05
+#: Waiting checkpoints at which relexd says it is falling behind the trainer.
+BEHIND_BACKLOG = 2
 #: File in the state directory telling ``relexd status`` where the daemon writes previews.
 DAEMON_FILE = "daemon.json"
-
-Signature = tuple[tuple[str, int, int], ...]
+#: Where pinned checkpoints' views live (emptied on start: views never outlive the process).
+PIN_DIR = "pins"
 
 
 class Outcome(Enum):
     INGESTED = "ingested"
-    SKIPPED = "skipped"  # bad input or rotated: go on with the next checkpoint
+    SKIPPED = "skipped"  # bad input: go on with the next checkpoint, retry it if its files change
+    MISSED = "missed"  # the trainer deleted it first: counted as missed, go on
     RETRY = "retry"  # try this one again later (state write failed); stop this pass
     STOP = "stop"
-
-
-@dataclass
-class _Tracking:
-    """What the worker remembers between scans (bounded: pruned to what the last scan saw)."""
-
-    failed: dict[Path, Signature] = field(default_factory=dict)  # bad input, by unchanged files
-    seen_sig: dict[Path, tuple[Signature, float]] = field(default_factory=dict)  # markerless
-    pending_since: dict[int, float] = field(default_factory=dict)
-    warned_unsupported: set[Path] = field(default_factory=set)
-
-    def prune(self, present: set[Path], pending_steps: set[int]) -> None:
-        self.failed = {p: s for p, s in self.failed.items() if p in present}
-        self.seen_sig = {p: s for p, s in self.seen_sig.items() if p in present}
-        self.pending_since = {s: t for s, t in self.pending_since.items() if s in pending_steps}
-        self.warned_unsupported &= present
 
 
 class WatchService:
@@ -91,15 +84,17 @@ class WatchService:
         self.settings = settings
         self.metrics = metrics or RelexdMetrics(version=__version__, per_tensor=settings.per_tensor_metrics)
         self.stop_event = threading.Event()
-        self._wake = threading.Event()
-        self._last_hint = 0.0
+        self._scan_wake = threading.Event()  # something changed in the run directory
+        self._work_wake = threading.Event()  # a checkpoint became ready
         self._first_scan = threading.Event()
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN_S
         self._previews_dirty = True  # check previews once at start (re-do after a crash)
-        self._track = _Tracking()
-        self._worker: threading.Thread | None = None
-        self._worker_error: BaseException | None = None
+        self._behind = False  # said that relexd is falling behind, not yet that it caught up
+        self._threads: list[threading.Thread] = []
+        self._thread_error: BaseException | None = None
+        self.intake: Intake | None = None
+        self.ledger: MissedLedger | None = None
         self.engine: Engine | None = None
         self.watcher: RunWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -120,6 +115,10 @@ class WatchService:
             timestamp=self.engine.snapshot.meta.get("last_time"),
         )
         self._publish_confidence(self.engine.snapshot.meta)
+        self.intake = Intake(
+            s.run_dir, s.state_dir / PIN_DIR, s.engine, debounce=s.debounce, max_pinned=s.max_pinned
+        )
+        self.ledger = MissedLedger(s.state_dir, newest_ingested=steps[-1] if steps else None)
         removed = pv.remove_orphans(s.previews)
         if removed:
             log.info("removed unpublished preview leftovers", paths=[str(p) for p in removed])
@@ -177,8 +176,11 @@ class WatchService:
                 observed=len(self.engine.steps) if self.engine else 0,
                 listen=self.http.url if self.http else None,
             )
-            self._worker = threading.Thread(target=self._worker_main, name="relexd-worker", daemon=True)
-            self._worker.start()
+            loops = [("relexd-scout", self._scout_main), ("relexd-worker", self._worker_main)]
+            for name, target in [("relexd-once", self._once_main)] if s.once else loops:
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
             watchdog = sdnotify.Watchdog(healthy=self.healthy)
             ready_sent = False
             while not self.stop_event.is_set():
@@ -186,28 +188,33 @@ class WatchService:
                     sdnotify.ready("watching " + str(s.run_dir))
                     ready_sent = True
                 watchdog.tick()
-                if not self._worker.is_alive():
+                if not all(t.is_alive() for t in self._threads):
                     break
                 self.stop_event.wait(0.2 if not ready_sent else 0.5)
         finally:
             self.shutdown()
-        if self._worker_error is not None:
-            log.error("worker failed", error=repr(self._worker_error))
+        if self._thread_error is not None:
+            log.error("worker failed", error=repr(self._thread_error))
             return 1
         return 0
 
     def shutdown(self) -> None:
         """Stop in reverse order; safe to call twice. The worker abandons an uncommitted ingest."""
         self.stop_event.set()
-        self._wake.set()
+        self._scan_wake.set()
+        self._work_wake.set()
         sdnotify.stopping()
         self.metrics.set_watcher_up(False)
         if self.watcher is not None and self.watcher.observer.is_alive():
             self.watcher.stop()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        if self._worker is not None:
-            self._worker.join(10.0)
+        for thread in self._threads:
+            thread.join(10.0)
+        if self.intake is not None:
+            self.intake.close()
+        if self.ledger is not None:
+            self.ledger.save()
         if self.hook is not None:
             self.hook.close()
         if self.http is not None:
@@ -224,7 +231,8 @@ class WatchService:
         def handler(signum: int, frame: FrameType | None) -> None:
             log.info("stop requested", signal=signal.Signals(signum).name)
             self.stop_event.set()
-            self._wake.set()
+            self._scan_wake.set()
+            self._work_wake.set()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
@@ -239,147 +247,207 @@ class WatchService:
         return True, "ready"
 
     def healthy(self) -> bool:
-        """Worker, observer and scheduler all alive: what the systemd watchdog ping vouches for."""
-        if self._worker is None or not self._worker.is_alive():
+        """Scout, worker, observer and scheduler all alive: what the systemd watchdog ping vouches for."""
+        if not self._threads or not all(t.is_alive() for t in self._threads):
             return False
         if self.settings.once:
             return True
         return bool(self.watcher and self.watcher.alive() and self.scheduler and self.scheduler.running)
 
-    # -- waking the worker -------------------------------------------------------------------
+    # -- waking the scout ----------------------------------------------------------------------
 
     def hint(self, path: str = "") -> None:
-        """An observer event: something changed; scan after the debounce interval."""
-        self._last_hint = time.monotonic()
-        self._wake.set()
+        """An observer event: remember the checkpoint it names, scan now."""
+        if path and self.intake is not None:
+            self.intake.note_event(path)
+        self._scan_wake.set()
 
     def reconcile(self) -> None:
         """The periodic job: rescan regardless of events (catches what the observer missed)."""
-        self._wake.set()
+        self._scan_wake.set()
 
-    # -- the worker --------------------------------------------------------------------------
+    # -- the threads -------------------------------------------------------------------------
 
-    def _worker_main(self) -> None:
+    def _guarded(self, loop: Any) -> None:
         try:
-            first = True
-            while not self.stop_event.is_set():
-                if not first:
-                    self._wake.wait(self._idle_wait())
-                    self._wake.clear()
-                    self._debounce()
-                if self.stop_event.is_set():
-                    break
-                self.pass_once(force_stable=self.settings.once)
-                first = False
-                if self.settings.once:
-                    self.stop_event.set()
+            loop()
         except BaseException as exc:  # a bug, not bad input: let systemd restart us
-            self._worker_error = exc
-            log.exception("worker thread crashed")
+            self._thread_error = exc
+            log.exception("daemon thread crashed", thread=threading.current_thread().name)
+            self.stop_event.set()
+            self._scan_wake.set()
+            self._work_wake.set()
+
+    def _once_main(self) -> None:
+        def loop() -> None:
+            self.pass_once(force_stable=True)
             self.stop_event.set()
 
-    def _idle_wait(self) -> float:
-        """Sleep until the reconcile job, or sooner when a retry or a stability check is due."""
-        wait = self.settings.reconcile_interval
-        if self._track.seen_sig or self._track.pending_since:
-            wait = min(wait, max(self.settings.debounce, 0.2))
-        if self._retry_at:
-            wait = min(wait, max(0.05, self._retry_at - time.monotonic()))
-        return wait
+        self._guarded(loop)
 
-    def _debounce(self) -> None:
-        """Let a burst of events settle (up to 5 debounce intervals) before scanning."""
-        deb = self.settings.debounce
-        deadline = time.monotonic() + 5 * deb
-        while not self.stop_event.is_set():
-            quiet = time.monotonic() - self._last_hint
-            if quiet >= deb or time.monotonic() >= deadline:
-                return
-            self.stop_event.wait(min(deb - quiet, 0.5))
+    def _scout_main(self) -> None:
+        def loop() -> None:
+            last = 0.0
+            while not self.stop_event.is_set():
+                wait = self.settings.reconcile_interval
+                rescan = self.intake.needs_rescan_in() if self.intake else None
+                if rescan is not None:
+                    wait = min(wait, max(rescan, 0.2))
+                if last:
+                    self._scan_wake.wait(wait)
+                self._scan_wake.clear()
+                gap = SCAN_GAP_S - (time.monotonic() - last)
+                if gap > 0:
+                    self.stop_event.wait(gap)
+                if self.stop_event.is_set():
+                    break
+                last = time.monotonic()
+                self.scan_once()
+
+        self._guarded(loop)
+
+    def _worker_main(self) -> None:
+        def loop() -> None:
+            while not self.stop_event.is_set():
+                wait = self.settings.reconcile_interval
+                if self._retry_at:
+                    wait = max(0.05, self._retry_at - time.monotonic())
+                self._work_wake.wait(wait)
+                self._work_wake.clear()
+                if self.stop_event.is_set():
+                    break
+                self.work_once()
+
+        self._guarded(loop)
+
+    # -- one round of each -------------------------------------------------------------------
 
     def pass_once(self, *, force_stable: bool = False) -> None:
-        """One scan: ingest what became complete, in order; then refresh previews if due."""
-        ingested = self._ingest_pass(force_stable)
+        """One scan, then ingest what it made ready and refresh previews (``--once``, tests)."""
+        self.scan_once(force_stable=force_stable)
+        self.work_once()
+
+    def scan_once(self, *, force_stable: bool = False) -> None:
+        """The scout's round: scan, say what the scan found, wake the worker."""
+        assert self.intake is not None and self.engine is not None
+        if self.watcher is not None:
+            self.watcher.ensure_watch()
+        news = self.intake.scan(self.engine.steps, force_stable=force_stable or self.settings.once)
+        self._say(news)
         self._first_scan.set()
+        self._keeping_up()
+        self._work_wake.set()
+
+    def work_once(self) -> None:
+        """The worker's round: ingest every ready checkpoint in order, then refresh previews."""
+        ingested = self._drain()
         if ingested or self._previews_dirty:
             self.refresh_previews()
 
-    def _ingest_pass(self, force_stable: bool) -> int:
-        s = self.settings
-        engine = self.engine
-        assert engine is not None
-        if self._retry_at and time.monotonic() < self._retry_at:
-            return 0
-        if not s.run_dir.is_dir():
-            return 0
-        if self.watcher is not None:
-            self.watcher.ensure_watch()
-        result = scan_run(s.run_dir)
-        now = time.monotonic()
-        self._track.prune(
-            {r.path for r in result.complete} | {p for p, _ in result.unsupported},
-            {r.step for r in result.pending},
-        )
-        for path, why in result.unsupported:
-            if path not in self._track.warned_unsupported:
-                self._track.warned_unsupported.add(path)
-                log.warning("checkpoint not readable", path=str(path), reason="unsupported", detail=why)
-                self.metrics.count_error("unsupported")
-        for ref in result.pending:
-            self._track.pending_since.setdefault(ref.step, now)
-        done = set(engine.steps)
-        count = 0
-        for ref in result.complete:
-            if self.stop_event.is_set():
-                break
-            if ref.step in done:
-                continue  # already in the state (e.g. after a restart)
-            blocking = [
-                st
-                for st, t0 in self._track.pending_since.items()
-                if st < ref.step and now - t0 < HOLD_BEHIND_PENDING_S
-            ]
-            if blocking:
-                break  # a lower step is still being written: keep strict order
-            sig = size_signature(ref)
-            if self._track.failed.get(ref.path) == sig:
-                continue
-            steps = engine.steps
-            if steps and ref.step <= steps[-1]:
+    def _say(self, news: ScanNews) -> None:
+        for path, why in news.unsupported:
+            log.warning("checkpoint not readable", path=str(path), reason="unsupported", detail=why)
+            self.metrics.count_error("unsupported")
+        newest = self.engine.steps[-1] if self.engine and self.engine.steps else None
+        for ref in news.out_of_order:
+            log.warning(
+                "checkpoint older than the newest ingested one; skipped",
+                step=ref.step,
+                path=str(ref.path),
+                reason="out_of_order",
+                newest=newest,
+            )
+            self.metrics.count_error("out_of_order")
+        for ref in news.thinned:
+            log.info(
+                "checkpoint skipped on purpose (--every)",
+                step=ref.step,
+                path=str(ref.path),
+                every=self.settings.engine.every,
+            )
+        self._missed(news.missed)
+
+    def _missed(self, items: list[Missed]) -> None:
+        """Log, count and record checkpoints relexd did not read (each step once)."""
+        if not items or self.ledger is None:
+            return
+        for m in self.ledger.add(items):
+            self.metrics.count_missed(m.reason, m.count)
+            if m.reason == "rotated":
                 log.warning(
-                    "checkpoint older than the newest ingested one; skipped",
-                    step=ref.step,
-                    path=str(ref.path),
-                    reason="out_of_order",
-                    newest=steps[-1],
+                    "checkpoint missed: the trainer deleted it before relexd could read it",
+                    step=m.first,
+                    path=m.path,
+                    reason=m.reason,
                 )
-                self.metrics.count_error("out_of_order")
-                self._track.failed[ref.path] = sig
-                continue
-            if ref.layout in MARKERLESS and not force_stable and not self._stable(ref, sig, now):
-                break  # wait for it to stop changing; later steps wait behind it
-            outcome = self.ingest_ref(ref, sig)
+            else:
+                log.warning(
+                    "checkpoints missed: the trainer's records say it saved them, relexd never saw them",
+                    steps=m.describe(),
+                    first=m.first,
+                    last=m.last,
+                    count=m.count,
+                    save_steps=self.intake.save_interval if self.intake else None,
+                    reason=m.reason,
+                )
+
+    def _keeping_up(self) -> None:
+        """Backlog metric, and a warning (once) when checkpoints pile up faster than relexd reads."""
+        assert self.intake is not None
+        backlog = self.intake.backlog()
+        self.metrics.set_backlog(backlog)
+        if backlog >= BEHIND_BACKLOG and not self._behind:
+            self._behind = True
+            oldest = self.intake.oldest_waiting()
+            log.warning(
+                "falling behind the trainer: checkpoints are completed faster than relexd ingests them",
+                waiting=backlog,
+                oldest_waiting_s=round(time.time() - oldest, 1) if oldest else None,
+                hint="see README 'Keeping up': --every N, --sketch-rank 1, --threads, --max-pinned",
+            )
+        elif backlog == 0 and self._behind:
+            self._behind = False
+            log.info("caught up with the trainer")
+
+    def _drain(self) -> int:
+        assert self.intake is not None
+        count = 0
+        while not self.stop_event.is_set():
+            if self._retry_at and time.monotonic() < self._retry_at:
+                break
+            waiting = self.intake.next_ready()
+            if waiting is None:
+                break
+            outcome = self.ingest_ref(waiting)
+            if outcome in (Outcome.RETRY, Outcome.STOP):
+                self.intake.put_back(waiting)
+                break
+            self.intake.finish(waiting, failed=outcome is Outcome.SKIPPED)
             if outcome is Outcome.INGESTED:
                 count += 1
-            elif outcome in (Outcome.RETRY, Outcome.STOP):
-                break
+                self._check_gaps()
+            self._keeping_up()
         return count
 
-    def _stable(self, ref: CheckpointRef, sig: Signature, now: float) -> bool:
-        """Marker-less checkpoints: same size signature in two scans ≥ debounce apart."""
-        seen = self._track.seen_sig.get(ref.path)
-        if seen is None or seen[0] != sig or not sig:
-            self._track.seen_sig[ref.path] = (sig, now)
-            return False
-        return now - seen[1] >= self.settings.debounce
+    def _check_gaps(self) -> None:
+        """After an ingest: report the steps below it that the trainer saved and relexd never saw."""
+        assert self.engine is not None and self.intake is not None and self.ledger is not None
+        steps = self.engine.steps
+        gaps = self.ledger.check_gaps(
+            steps[-1], self.intake.save_interval, steps, self.settings.engine.every, self.intake.accounted()
+        )
+        self._missed(gaps)
 
-    def ingest_ref(self, ref: CheckpointRef, sig: Signature) -> Outcome:
+    def ingest_ref(self, waiting: Waiting) -> Outcome:
         """Ingest one checkpoint, turning every kind of failure into a logged, counted outcome."""
         engine = self.engine
         assert engine is not None
+        ref = waiting.ref
         bound = log.bind(step=ref.step, path=str(ref.path), layout=ref.layout)
         try:
-            report = engine.ingest(ref.weights, ref.step, source=ref.path, should_stop=self.stop_event.is_set)
+            report = engine.ingest(
+                waiting.weights, ref.step, source=ref.path, should_stop=self.stop_event.is_set
+            )
         except Interrupted:
             bound.info("ingestion abandoned for shutdown; the state is unchanged")
             return Outcome.STOP
@@ -394,54 +462,55 @@ class WatchService:
             return Outcome.RETRY
         except CheckpointError as exc:
             reason = exc.reason
-            if reason != "rotated" and not os.path.lexists(ref.path):
+            if reason != "rotated" and waiting.pin is None and not os.path.lexists(ref.path):
                 reason = "rotated"  # it vanished: whatever broke was the trainer deleting it
-            return self._bad_input(bound, ref, sig, reason, str(exc.path), exc.message)
+            return self._bad_input(bound, ref, reason, str(waiting.original(exc.path)), exc.message)
         except FileNotFoundError as exc:
-            return self._bad_input(bound, ref, sig, "rotated", exc.filename or str(ref.path), str(exc))
+            file = str(waiting.original(exc.filename)) if exc.filename else str(ref.path)
+            return self._bad_input(bound, ref, "rotated", file, str(exc))
         except PermissionError as exc:
-            return self._bad_input(bound, ref, sig, "permission", exc.filename or str(ref.path), str(exc))
+            file = str(waiting.original(exc.filename)) if exc.filename else str(ref.path)
+            return self._bad_input(bound, ref, "permission", file, str(exc))
         except OSError as exc:
-            return self._bad_input(bound, ref, sig, "io", exc.filename or str(ref.path), str(exc))
+            file = str(waiting.original(exc.filename)) if exc.filename else str(ref.path)
+            return self._bad_input(bound, ref, "io", file, str(exc))
         except Exception as exc:
             bound.exception("unexpected error while ingesting; skipped")
-            return self._bad_input(bound, ref, sig, "io", str(ref.path), repr(exc))
+            return self._bad_input(bound, ref, "io", str(ref.path), repr(exc))
         self._retry_at, self._retry_delay = 0.0, RETRY_MIN_S
-        self._track.seen_sig.pop(ref.path, None)
-        self._record(ref, report)
+        lag = self._record(waiting, report)
         bound.info(
             "checkpoint ingested",
             seconds=round(report.seconds, 4),
+            lag_s=None if lag is None else round(lag, 3),
             bytes=report.bytes_read,
             observed=len(engine.steps),
+            pinned=waiting.pin is not None,
             **{k: v for k, v in report.figures.items() if v is not None},
         )
         return Outcome.INGESTED
 
-    def _bad_input(
-        self, bound: Any, ref: CheckpointRef, sig: Signature, reason: str, file: str, why: str
-    ) -> Outcome:
-        self.metrics.count_error(reason)
+    def _bad_input(self, bound: Any, ref: CheckpointRef, reason: str, file: str, why: str) -> Outcome:
         if reason == "rotated":
-            bound.warning("checkpoint deleted while being read (rotated); skipped", reason=reason, file=file)
-            return Outcome.SKIPPED  # it is gone; nothing to remember
+            # not bad input: the trainer deleted it first. A miss, said like every other one.
+            self._missed([Missed.one(ref.step, "rotated", ref.path)])
+            return Outcome.MISSED
+        self.metrics.count_error(reason)
         bound.warning("checkpoint unusable; skipped", reason=reason, file=file, detail=why)
-        self._track.failed[ref.path] = sig  # retried only if its files change
-        return Outcome.SKIPPED
+        return Outcome.SKIPPED  # retried only if its files change
 
-    def _record(self, ref: CheckpointRef, report: IngestReport) -> None:
+    def _record(self, waiting: Waiting, report: IngestReport) -> float | None:
+        """Publish an ingest's progress figures; returns its lag (trainer completion → commit)."""
         assert self.engine is not None
-        marker = {"hf": ref.path / HF_MARKER, "verl": ref.path.parent / VERL_TRACKER}.get(
-            ref.layout, ref.path
-        )
-        try:
-            stamp = marker.stat().st_mtime
-        except OSError:
-            stamp = time.time()
+        stamp = waiting.completed if waiting.completed is not None else time.time()
+        lag = time.time() - waiting.completed if waiting.completed is not None else None
         self.metrics.observe_ingest(
             report.step, report.seconds, report.bytes_read, stamp, observed=len(self.engine.steps)
         )
+        if lag is not None:
+            self.metrics.set_lag(max(lag, 0.0))
         self._publish_confidence(report.snapshot.meta)
+        return lag
 
     def _publish_confidence(self, meta: dict[str, Any]) -> None:
         forecasts = [

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from relexd.daemon import previews as pv
+from relexd.daemon.missed import read_ledger
 from relexd.daemon.service import DAEMON_FILE
 from relexd.state.store import read_snapshot
 
@@ -35,6 +36,7 @@ def collect(state_dir: Path, preview_dir: Path | None = None) -> dict[str, Any]:
             {"target_step": step, "path": str(path), "from_step": newest, "current": generation == snap.name}
         )
     history = meta.get("history", [])
+    ledger = read_ledger(state_dir) or {}
     return {
         "state_dir": str(state_dir),
         "generation": snap.name,
@@ -48,6 +50,8 @@ def collect(state_dir: Path, preview_dir: Path | None = None) -> dict[str, Any]:
         "figures": meta.get("figures", {}),
         "forecasts": meta.get("forecasts", []),
         "last_ingest_seconds": history[-1]["seconds"] if history else None,
+        "ingest_every": (meta.get("config") or {}).get("every", 1),
+        "missed": {"counts": ledger.get("counts", {}), "recent": ledger.get("recent", [])},
         "preview_dir": str(preview_dir),
         "previews": previews,
     }
@@ -67,6 +71,16 @@ def _steps_text(steps: list[int]) -> str:
     return f"{', '.join(map(str, steps[:3]))}, …, {', '.join(map(str, steps[-3:]))}"
 
 
+def _missed_text(missed: dict[str, Any]) -> str:
+    counts = {reason: n for reason, n in missed["counts"].items() if n}
+    if not counts:
+        return "none"
+    total = sum(counts.values())
+    why = ", ".join(f"{n} {reason}" for reason, n in counts.items())
+    runs = [r["first"] if r["count"] == 1 else f"{r['first']}…{r['last']}" for r in missed["recent"][-8:]]
+    return f"{total} ({why}); latest: steps {', '.join(map(str, runs))}"
+
+
 def render(info: dict[str, Any], console: Console) -> None:
     """Print the status as rich tables."""
     overview = Table(title=f"relexd state {info['state_dir']}", show_header=False)
@@ -76,6 +90,9 @@ def render(info: dict[str, Any], console: Console) -> None:
     overview.add_row("run dir", _fmt(info["run_dir"]))
     overview.add_row("observed checkpoints", str(info["observed"]))
     overview.add_row("steps", _steps_text(info["steps"]))
+    if info["ingest_every"] > 1:
+        overview.add_row("ingesting", f"only checkpoints ≥ {info['ingest_every']} steps apart (--every)")
+    overview.add_row("missed checkpoints", _missed_text(info["missed"]))
     overview.add_row("newest checkpoint", _fmt(info["last_source"]))
     for key, value in info["figures"].items():
         overview.add_row(key.replace("_", " "), _fmt(value))

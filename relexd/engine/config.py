@@ -27,6 +27,9 @@ class EngineConfig:
     horizons: tuple[float, ...] = (2.0,)
     anchor_dtype: str = "bfloat16"
     oja_eta: float = OJA_DEFAULT_ETA
+    #: Ingest a checkpoint only when its step is at least this far after the last ingested one
+    #: (``--every``): a deliberate, recorded thinning for trainers that save faster than relexd reads.
+    every: int = 1
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -39,6 +42,12 @@ class EngineConfig:
             raise ConfigError(f"forecast horizons must be > 1 (e.g. 2), not {list(self.horizons)}")
         if self.anchor_dtype not in ANCHOR_DTYPES:
             raise ConfigError(f"anchor dtype must be one of {', '.join(ANCHOR_DTYPES)}")
+        if self.every < 1:
+            raise ConfigError(f"--every must be ≥ 1 step, not {self.every}")
+
+    def takes(self, step: int, last: int | None) -> bool:
+        """Whether a checkpoint at ``step`` is ingested after one at ``last`` (``--every``)."""
+        return last is None or step - last >= self.every
 
     @property
     def width(self) -> int:
@@ -58,6 +67,7 @@ class EngineConfig:
     def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
         d = dict(d)
         d["horizons"] = tuple(d.get("horizons", (2.0,)))
+        d.setdefault("every", 1)  # states written before --every existed
         return cls(**d)
 
     def structural(self) -> tuple[str, int]:

@@ -36,8 +36,8 @@ class Engine(Closeable):
         (bench/README.md). The CLI therefore defaults to one thread.
         """
         pin_mmap_threshold()
-        if threads is not None:
-            torch.set_num_threads(threads)
+        self.threads = threads
+        self._use_threads()
         self.state_dir = Path(state_dir)
         self.config = config
         self.store = StateStore(self.state_dir)
@@ -73,6 +73,14 @@ class Engine(Closeable):
                 f"{self.config.width}; use a new --state-dir"
             )
 
+    def _use_threads(self) -> None:
+        """Apply ``threads`` in the calling thread. torch's setting reaches the BLAS/OpenMP layer
+        per OS thread: a thread that never set it computes with the default (every core) — other
+        speed, and float32 sums in another order (measured: a daemon worker thread and the main
+        thread gave results differing in the last bits). So every entry point sets it."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
     @property
     def steps(self) -> list[int]:
         return list(self.snapshot.meta.get("steps", []))
@@ -87,6 +95,7 @@ class Engine(Closeable):
         on_tensor: Callable[[str, int], None] | None = None,
     ) -> IngestReport:
         """Validate and fold one checkpoint in; on any error the state is unchanged."""
+        self._use_threads()
         with open_weights(weights) as ckpt:
             report = ingest(
                 self.store,
@@ -103,6 +112,7 @@ class Engine(Closeable):
         return report
 
     def write_preview(self, target: int, out_dir: Path) -> Path:
+        self._use_threads()
         return write_preview(self.snapshot, self.base, target, Path(out_dir))
 
     def summary(self) -> dict[str, Any]:

@@ -138,6 +138,8 @@ def manifest(snapshot: Snapshot, target: int) -> dict[str, Any]:
         "extrapolation_ratio": target / steps[-1] if steps[-1] > 0 else None,
         "base": meta["base"]["path"],
         "estimator": meta["config"],
+        # >1: relexd deliberately ingested only checkpoints this many steps apart (--every)
+        "ingest_every": meta["config"].get("every", 1),
         "figures": meta.get("figures", {}),
         "forecasts": meta.get("forecasts", []),
         "state_generation": snapshot.name,

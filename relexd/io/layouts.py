@@ -47,6 +47,9 @@ class CheckpointRef:
     path: Path  # the directory or file as the trainer names it (what appears and is rotated away)
     weights: Path  # what to pass to open_weights (directory or file)
     layout: str  # one of LAYOUTS
+    #: The trainer's save cadence in steps where its own records say (HF ``trainer_state.json``'s
+    #: ``save_steps``): which steps it saved, so relexd can tell which ones it never saw.
+    save_interval: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,22 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _hf_step(directory: Path, fallback: int) -> int:
+def _count(value: object, minimum: int) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= minimum else None
+
+
+def _hf_record(directory: Path, fallback: int) -> tuple[int, int | None]:
+    """(``global_step``, ``save_steps``) from ``trainer_state.json``; the name's step when unreadable.
+
+    transformers writes the file with a plain ``open(..., "w")`` (``TrainerState.save_to_json``), so a
+    scan can catch it empty or half-written: then the directory name's step stands.
+    """
     try:
-        step = json.loads((directory / HF_MARKER).read_text(encoding="utf-8")).get("global_step")
+        record = json.loads((directory / HF_MARKER).read_text(encoding="utf-8"))
+        step, interval = _count(record.get("global_step"), 0), _count(record.get("save_steps"), 1)
     except (OSError, ValueError, AttributeError):
-        return fallback
-    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else fallback
+        return fallback, None
+    return (fallback if step is None else step), interval
 
 
 def _verl_weights(directory: Path) -> Path:
@@ -161,10 +174,11 @@ class _Scanner:
         if not path.is_dir():
             return
         weights = path
+        interval = None
         if layout == "hf":
             complete = (path / HF_MARKER).is_file()
             if complete:
-                step = _hf_step(path, step)
+                step, interval = _hf_record(path, step)
         elif layout == "verl":
             weights = _verl_weights(path)
             complete = tracker is not None and tracker >= step
@@ -172,7 +186,7 @@ class _Scanner:
             layout, weights, complete = "nemo_rl", _nemo_weights(path), True
         else:  # openrlhf, plain: no marker
             complete = _has_weights(path)
-        ref = CheckpointRef(step, path, weights, layout)
+        ref = CheckpointRef(step, path, weights, layout, interval)
         if _has_weights(weights):
             self.found.append((ref, complete))
             return
@@ -197,6 +211,21 @@ class _Scanner:
             )
         else:
             self.found.append((ref, complete))
+
+
+def checkpoint_of(path: Path, run_dir: Path) -> tuple[int, Path] | None:
+    """(step, checkpoint path) of the checkpoint that ``path`` (a file event's path) lies in.
+
+    Lets an event reveal a checkpoint that is rotated away before any scan sees it.
+    """
+    try:
+        parts = Path(path).relative_to(run_dir).parts
+    except ValueError:
+        return None
+    if parts and parts[0] in NESTED_DIRS:
+        run_dir, parts = run_dir / parts[0], parts[1:]
+    parsed = _parse_name(parts[0]) if parts else None
+    return (parsed[1], run_dir / parts[0]) if parsed else None
 
 
 def scan_run(run_dir: Path) -> ScanResult:
@@ -225,6 +254,20 @@ def scan_run(run_dir: Path) -> ScanResult:
         pending=[ref for _, ref, complete in chosen if not complete],
         unsupported=sorted(unsupported),
     )
+
+
+#: Layouts without a completion marker: complete only once their files stop changing.
+MARKERLESS = frozenset({"openrlhf", "plain", "file"})
+
+
+def completion_time(ref: CheckpointRef) -> float | None:
+    """Unix time the trainer completed ``ref``: its marker's mtime (``trainer_state.json``, the verl
+    tracker), else the checkpoint's own; None once it is gone."""
+    marker = {"hf": ref.path / HF_MARKER, "verl": ref.path.parent / VERL_TRACKER}.get(ref.layout, ref.path)
+    try:
+        return marker.stat().st_mtime
+    except OSError:
+        return None
 
 
 def size_signature(ref: CheckpointRef) -> tuple[tuple[str, int, int], ...]:

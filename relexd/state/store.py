@@ -166,7 +166,7 @@ class StateStore:
             raise StateError(f"{self.root}: another relexd process is writing this state directory") from None
         self._lock_fd = fd
         snapshot = read_snapshot(self.root)
-        self.cleanup(snapshot)
+        self.cleanup(snapshot, temporaries=True)
         return snapshot
 
     def close(self) -> None:
@@ -174,8 +174,13 @@ class StateStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def cleanup(self, snapshot: Snapshot) -> None:
-        """Delete every file the published generation does not reference (orphans of a crash)."""
+    def cleanup(self, snapshot: Snapshot, *, temporaries: bool = False) -> None:
+        """Delete every file the published generation does not reference (orphans of a crash).
+
+        ``temporaries``: also the ``.tmp-*`` files of atomic writes in the root — only on open,
+        when no other thread of this process can be half-way through one (the daemon writes its
+        small files there while the worker commits).
+        """
         keep_anchors = {anchor_name(a["step"]) for a in snapshot.meta.get("anchors", [])}
         keep_aux = set(snapshot.meta.get("aux", {}).values())
         for entry in (self.root / "generations").iterdir():
@@ -187,6 +192,8 @@ class StateStore:
         for entry in (self.root / "aux").iterdir():
             if entry.name not in keep_aux:
                 remove_tree(entry)
+        if not temporaries:
+            return
         for entry in self.root.iterdir():
             if entry.name.startswith(".tmp-"):
                 remove_tree(entry)

@@ -49,7 +49,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relexd import __version__
-from relexd.errors import REASONS, CheckpointError
+from relexd.errors import MISSED_REASONS, REASONS, CheckpointError
 
 __all__ = [
     "CONFIDENCE_FIGURES",
@@ -312,6 +312,31 @@ class RelexdMetrics:
         )
         for reason in REASONS:
             self.checkpoint_errors.labels(reason=reason)
+
+        # --- keeping up ----------------------------------------------------------------------------
+        self.checkpoints_missed = Counter(
+            "relexd_checkpoints_missed_total",
+            "Checkpoints the trainer saved that relexd did not read, by reason: 'rotated' = seen but "
+            "deleted by the trainer before relexd read it; 'gap' = never seen, but the trainer's "
+            "records (trainer_state.json save_steps) say it was saved. Should stay flat: each miss "
+            "is a point of the trajectory the fit does not have.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in MISSED_REASONS:
+            self.checkpoints_missed.labels(reason=reason)
+        self.ingest_backlog = Gauge(
+            "relexd_ingest_backlog_checkpoints",
+            "Complete checkpoints waiting to be ingested (the one being read not counted). Above 1 "
+            "for long means the trainer saves faster than relexd reads: see README 'Keeping up'.",
+            registry=r,
+        )
+        self.ingest_lag = Gauge(
+            "relexd_ingest_lag_seconds",
+            "From the trainer completing the newest ingested checkpoint to relexd committing it. "
+            "Compare with the trainer's save interval.",
+            registry=r,
+        )
         self.ingest_duration = Histogram(
             "relexd_ingest_duration_seconds",
             "Wall time to read one checkpoint and update the rank-1 sketch. Lower is better; it "
@@ -425,6 +450,18 @@ class RelexdMetrics:
         if code not in REASONS:
             raise ValueError(f"unknown reason code {code!r}; add it to relexd.errors.REASONS")
         self.checkpoint_errors.labels(reason=code).inc()
+
+    def count_missed(self, reason: str, count: int = 1) -> None:
+        """Count checkpoints relexd did not read (one of :data:`relexd.errors.MISSED_REASONS`)."""
+        if reason not in MISSED_REASONS:
+            raise ValueError(f"unknown missed reason {reason!r}; add it to relexd.errors.MISSED_REASONS")
+        self.checkpoints_missed.labels(reason=reason).inc(count)
+
+    def set_backlog(self, waiting: int) -> None:
+        self.ingest_backlog.set(waiting)
+
+    def set_lag(self, seconds: float) -> None:
+        self.ingest_lag.set(seconds)
 
     def set_stall_threshold(self, seconds: float | None) -> None:
         """Export the per-run stall threshold used by the RelexCheckpointStalled alert.

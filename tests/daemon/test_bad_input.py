@@ -23,13 +23,18 @@ from tests.daemon.trainer_sim import hf_save, make_base
 
 
 class Harness:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **options: object) -> None:
         self.planted, self.base = make_base(tmp)
         self.run = tmp / "run"
         self.run.mkdir()
         self.state = tmp / "state"
         settings = WatchSettings(
-            run_dir=self.run, base=self.base, state_dir=self.state, preview_ahead=(2.0,), debounce=0.0
+            run_dir=self.run,
+            base=self.base,
+            state_dir=self.state,
+            preview_ahead=(2.0,),
+            debounce=0.0,
+            **options,  # type: ignore[arg-type]
         )
         self.svc = WatchService(settings)
         self.svc.open()
@@ -44,6 +49,12 @@ class Harness:
     def errors(self, reason: str) -> float:
         value = self.svc.metrics.registry.get_sample_value(
             "relexd_checkpoint_errors_total", {"reason": reason}
+        )
+        return value or 0.0
+
+    def missed(self, reason: str) -> float:
+        value = self.svc.metrics.registry.get_sample_value(
+            "relexd_checkpoints_missed_total", {"reason": reason}
         )
         return value or 0.0
 
@@ -146,10 +157,9 @@ def test_out_of_order_checkpoint_warned_counted_once(h: Harness) -> None:
     assert h.errors("out_of_order") == 1
 
 
-def test_rotated_mid_read_counts_rotated_and_leaves_state(
-    h: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The trainer deletes the checkpoint while relexd reads it (NFS answers ESTALE then)."""
+def test_rotated_mid_read_counts_missed_and_leaves_state(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer deletes the checkpoint while relexd reads it and the file system does not keep
+    it for the open descriptor (NFS answers ESTALE): a miss, not an error."""
     ckpt = h.save(20)
     real_preadv = os.preadv
     calls = {"n": 0}
@@ -166,16 +176,15 @@ def test_rotated_mid_read_counts_rotated_and_leaves_state(
     before = _generation(h)
     h.scan()
     monkeypatch.undo()
-    assert h.errors("rotated") == 1
-    assert sum(h.errors(r) for r in ("truncated", "corrupt_header", "io")) == 0
+    assert h.missed("rotated") == 1
+    assert sum(h.errors(r) for r in ("rotated", "truncated", "corrupt_header", "io")) == 0
     assert h.steps() == [10] and _generation(h) == before
     h.save(30)
     h.scan()
     assert h.steps() == [10, 30]
 
 
-def test_rotated_before_open_counts_rotated(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    ckpt = h.save(20)
+def _rotate_right_before_ingest(h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = h.svc.engine.ingest
 
     def ingest(weights: Path, step: int, **kw: object) -> object:
@@ -183,8 +192,32 @@ def test_rotated_before_open_counts_rotated(h: Harness, monkeypatch: pytest.Monk
         return real(weights, step, **kw)
 
     monkeypatch.setattr(h.svc.engine, "ingest", ingest)
+
+
+def test_rotated_after_completion_is_still_read_through_its_pin(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Complete → pinned at once; the trainer's rotation then only removes names."""
+    ckpt = h.save(20)
+    _rotate_right_before_ingest(h, ckpt, monkeypatch)
     h.scan()
-    assert h.errors("rotated") == 1 and h.steps() == [10]
+    assert not ckpt.exists()
+    assert h.steps() == [10, 20]
+    assert h.missed("rotated") == 0 and h.errors("rotated") == 0
+    assert not any((h.state / "pins").iterdir())  # the pin is released after the ingest
+
+
+def test_rotated_before_open_without_pins_counts_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness(tmp_path, max_pinned=0)
+    h.save(10)
+    h.scan()
+    ckpt = h.save(20)
+    _rotate_right_before_ingest(h, ckpt, monkeypatch)
+    h.scan()
+    assert h.missed("rotated") == 1 and h.errors("rotated") == 0 and h.steps() == [10]
+    h.svc.engine.close()
 
 
 def test_permission_denied(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,7 +256,7 @@ def test_disk_full_keeps_previous_state_and_retries(h: Harness, monkeypatch: pyt
     after = read_snapshot(h.state)
     assert after.name == before.name and after.meta["steps"] == [10]
     assert h.svc._retry_at > 0  # backoff scheduled, no error counted against the checkpoint
-    assert h.svc._track.failed == {}
+    assert h.svc.intake.backlog() == 1  # waiting to be retried, not rejected
     gen_dir = h.state / "generations"
     assert [p.name for p in gen_dir.iterdir()] == [before.name]  # no half generation left
     monkeypatch.setattr(store.Transaction, "commit", real_commit)

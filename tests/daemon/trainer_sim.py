@@ -36,9 +36,16 @@ def _save_renamed(tensors: dict[str, torch.Tensor], final: Path) -> None:
 
 
 def hf_save(
-    run_dir: Path, step: int, tensors: dict[str, torch.Tensor], *, shards: int = 1, pause: float = 0.0
+    run_dir: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    *,
+    shards: int = 1,
+    pause: float = 0.0,
+    save_steps: int | None = None,
 ) -> Path:
-    """Save like transformers' Trainer: weights (shard by shard), config, trainer_state.json last."""
+    """Save like transformers' Trainer: weights (shard by shard), config, trainer_state.json last
+    (with the Trainer's ``save_steps`` when given, which reveals the steps it saved)."""
     ckpt = run_dir / f"checkpoint-{step}"
     ckpt.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
@@ -57,7 +64,8 @@ def hf_save(
     (ckpt / "config.json").write_text(json.dumps({"model_type": "planted"}))
     time.sleep(pause)
     (ckpt / "optimizer.pt").write_bytes(b"\0" * 1024)  # trainer internals relexd must ignore
-    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    record = {"global_step": step} | ({"save_steps": save_steps} if save_steps else {})
+    (ckpt / "trainer_state.json").write_text(json.dumps(record))
     return ckpt
 
 
