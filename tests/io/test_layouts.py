@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from relexd.io.layouts import CheckpointRef, checkpoint_step, scan_run, size_signature
+from relexd.io.layouts import CheckpointRef, checkpoint_of, checkpoint_step, scan_run, size_signature
 from relexd.io.reader import open_weights
 
 
@@ -217,3 +217,26 @@ def test_size_signature_of_single_file(tmp_path: Path) -> None:
     ref = CheckpointRef(3, path, path, "file")
     [(name, size, _)] = size_signature(ref)
     assert (name, size) == ("step-3.safetensors", path.stat().st_size)
+
+
+def test_trainer_state_save_steps_is_the_trainer_cadence(tmp_path: Path) -> None:
+    from tests.daemon.trainer_sim import hf_save
+
+    tensors = {"w": torch.zeros(2)}
+    hf_save(tmp_path, 10, tensors, save_steps=5)
+    hf_save(tmp_path, 15, tensors)
+    bad = hf_save(tmp_path, 20, tensors)
+    (bad / "trainer_state.json").write_text('{"global_step": 20, "save_steps": "5"}')
+    cadence = {r.step: r.save_interval for r in scan_run(tmp_path).complete}
+    assert cadence == {10: 5, 15: None, 20: None}
+
+
+def test_checkpoint_of_names_the_checkpoint_an_event_path_lies_in(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert checkpoint_of(run / "checkpoint-12" / "model.safetensors.tmp7", run) == (12, run / "checkpoint-12")
+    nested = run / "checkpoints" / "global_step_7"
+    assert checkpoint_of(nested / "actor" / "huggingface" / "model.safetensors", run) == (7, nested)
+    assert checkpoint_of(run / "step_3", run) == (3, run / "step_3")
+    assert checkpoint_of(run / "tmp-checkpoint-3" / "x", run) is None  # a temporary name
+    assert checkpoint_of(run / "runs" / "events.out.tfevents", run) is None
+    assert checkpoint_of(tmp_path / "elsewhere" / "checkpoint-1", run) is None
