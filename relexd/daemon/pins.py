@@ -26,6 +26,9 @@ from pathlib import Path
 
 from relexd._closeable import Closeable
 from relexd.engine.ingest import AUX_FILES
+from relexd.io.formats.dcp import METADATA as DCP_METADATA
+from relexd.io.formats.verl_fsdp import CONFIG as VERL_CONFIG
+from relexd.io.formats.verl_fsdp import RANK_FILE
 from relexd.io.layouts import CheckpointRef
 from relexd.io.reader import ADAPTER_NAMES, is_temp_name
 
@@ -39,11 +42,14 @@ def pinning_supported() -> bool:
 
 def _wanted(name: str) -> bool:
     """Files of a checkpoint directory the reader or the engine may open (never optimizer states)."""
+    if name in (DCP_METADATA, VERL_CONFIG):
+        return True
     if is_temp_name(name) or name in ADAPTER_NAMES:
         return False
     return (
-        name.endswith((".safetensors", ".index.json"))
+        name.endswith((".safetensors", ".index.json", ".distcp"))
         or (name.startswith("pytorch_model") and name.endswith(".bin"))
+        or RANK_FILE.fullmatch(name) is not None
         or name in AUX_FILES
     )
 

@@ -43,6 +43,11 @@ class BaseModel:
         tracked = [n for n in floats if n not in aliases]
         return cls(Path(path), reader, tracked, aliases, frozen)
 
+    @property
+    def names(self) -> set[str]:
+        """Every tensor name a checkpoint of this model has (tied copies included)."""
+        return set(self.tracked) | set(self.frozen) | set(self.aliases)
+
     def fingerprint(self) -> dict[str, Any]:
         """Names, shapes, dtypes and a content sample: a state built on another base is refused."""
         digest = hashlib.sha256()

@@ -19,6 +19,7 @@ from relexd.engine.ingest import IngestReport, ingest
 from relexd.engine.memory import pin_mmap_threshold
 from relexd.engine.preview import write_preview
 from relexd.errors import StateError
+from relexd.io.names import match_names
 from relexd.io.reader import open_weights
 from relexd.state.store import Snapshot, StateStore
 
@@ -96,7 +97,8 @@ class Engine(Closeable):
     ) -> IngestReport:
         """Validate and fold one checkpoint in; on any error the state is unchanged."""
         self._use_threads()
-        with open_weights(weights) as ckpt:
+        with open_weights(weights) as stored:
+            ckpt = stored.renamed(match_names(stored.names(), self.base.names, stored.path))
             report = ingest(
                 self.store,
                 self.snapshot,

@@ -44,6 +44,8 @@ CHUNK_ELEMS = 1 << 20
 
 #: Non-weight files copied from the newest checkpoint into previews (what a loader needs; never
 #: trainer internals such as optimizer or RNG state).
+#: Formats whose files are Hugging Face weight files (the preview can mirror their shards).
+HF_FORMATS = ("safetensors", "bin")
 AUX_FILES = (
     "config.json",
     "generation_config.json",
@@ -394,13 +396,16 @@ def _next_meta(
     from relexd import __version__
 
     aux = dict(meta.get("aux", {}))
-    weights_dir = ckpt.path if ckpt.path.is_dir() else None
-    if weights_dir is not None:
-        for fname in AUX_FILES:
-            path = weights_dir / fname
+    # config and tokenizer: the checkpoint's own where it has them (verl: huggingface/), else the
+    # base's, so that a preview of a native checkpoint is a loadable HF model too
+    base_dir = base.path if base.path.is_dir() else None
+    for fname in AUX_FILES:
+        for where in (ckpt.aux_dir, base_dir):
+            path = where / fname if where is not None else None
             try:
-                if path.is_file() and path.stat().st_size <= AUX_MAX_BYTES:
+                if path is not None and path.is_file() and path.stat().st_size <= AUX_MAX_BYTES:
                     aux[fname] = store.put_aux(path)
+                    break
             except FileNotFoundError:
                 continue  # rotated between listing and copying: keep the previous copy
     tensors = {
@@ -428,7 +433,12 @@ def _next_meta(
         "last_source": str(source or ckpt.path),
         "last_time": now,
         "tensors": tensors,
-        "layout": {"format": ckpt.format, "files": ckpt.shard_files()},
+        # previews mirror the checkpoint's shard files; a native checkpoint's are not HF files,
+        # so then the base's layout is mirrored
+        "layout": {
+            "format": ckpt.format,
+            "files": (ckpt if ckpt.format in HF_FORMATS else base.reader).shard_files(),
+        },
         "per_tensor": per_tensor,
         "figures": figures,
         "forecasts": forecasts,

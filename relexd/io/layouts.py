@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from relexd.io.formats import detect
 from relexd.io.reader import find_weights_file, is_temp_name
 
 #: Layouts from most to least specific: when two candidates claim one step, the more specific
@@ -36,7 +37,7 @@ _DIR_PATTERNS = (
     ("plain", re.compile(r"(?:step|iter)[_-](\d+)")),  # may turn out to be NeMo-RL
 )
 _FILE_PATTERN = re.compile(r"(?:.*[_-])?(?:step|iter|checkpoint)[_-]?(\d+)\.safetensors")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".distcp", ".metadata", ".pt")
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class ScanResult:
 
     ``complete`` and ``pending`` are sorted by step and hold at most one ref per step.
     ``unsupported`` lists (path, reason in words) of finished checkpoints relexd cannot read
-    (torch DCP, verl without HF weights); a DCP checkpoint whose ``.metadata`` is not yet written
-    is not listed at all, since it will only ever become unsupported.
+    (a verl checkpoint with neither rank files nor HF weights). A torch DCP save is pending until
+    its ``.metadata`` is renamed into place.
     """
 
     complete: list[CheckpointRef]
@@ -86,8 +87,9 @@ def _parse_name(name: str) -> tuple[str, int] | None:
 
 
 def _has_weights(directory: Path) -> bool:
+    """HF weights, or a native format relexd reads (verl FSDP rank files, a *complete* DCP)."""
     try:
-        return find_weights_file(directory) is not None
+        return find_weights_file(directory) is not None or detect(directory) is not None
     except (FileNotFoundError, NotADirectoryError):
         return False
 
@@ -192,21 +194,14 @@ class _Scanner:
             return
         dcp = _dcp_dir(weights)
         if dcp is not None:
+            # DCP renames .metadata into place last: until then the save is not complete
             where, finished = dcp
-            if finished:
-                self.unsupported.append(
-                    (
-                        path,
-                        f"torch distributed checkpoint (*.distcp) in {where}: relexd reads "
-                        "safetensors or .bin only; convert it (torch.distributed.checkpoint."
-                        "format_utils.dcp_to_torch_save) or have the trainer save HF weights",
-                    )
-                )
+            self.found.append((CheckpointRef(step, path, where, layout, interval), complete and finished))
         elif layout == "verl" and complete:
             self.unsupported.append(
                 (
                     path,
-                    "verl checkpoint without HuggingFace weights: add 'hf_model' to checkpoint.save_contents",
+                    "verl checkpoint with neither FSDP rank files nor HuggingFace weights",
                 )
             )
         else:

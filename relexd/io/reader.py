@@ -17,8 +17,10 @@ import json
 import math
 import pickle
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -75,6 +77,28 @@ class WeightInfo:
         return math.prod(self.shape)
 
 
+class TensorMeta(NamedTuple):
+    """What a tensor file says of one tensor before it is read."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path  # the file an error about this tensor names (a rank file, a shard)
+
+
+class TensorFile(Protocol):
+    """One source of tensors inside a checkpoint: a safetensors file, a torch.save state dict, or
+    a format module's assembly of shards (:mod:`relexd.io.formats`). Reads return new tensors the
+    caller owns; nothing is held between reads beyond what the format needs to find its bytes."""
+
+    path: Path
+
+    def names(self) -> list[str]: ...
+    def info(self, name: str) -> Any: ...  # has .dtype and .shape (and, optionally, .file)
+    def read(self, name: str) -> torch.Tensor: ...
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
 class _BinFile:
     """One zip-format torch.save state dict, memory-mapped, loaded without unpickling objects."""
 
@@ -107,6 +131,13 @@ class _BinFile:
             )
         self.tensors: dict[str, torch.Tensor] = state
 
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorMeta:
+        tensor = self.tensors[name]
+        return TensorMeta(tensor.dtype, tuple(tensor.shape), self.path)
+
     def read(self, name: str) -> torch.Tensor:
         return self.tensors[name].clone(memory_format=torch.contiguous_format)
 
@@ -127,26 +158,51 @@ class WeightReader(Closeable):
         self,
         path: Path,
         fmt: str,
-        files: dict[str, SafetensorsFile | _BinFile],
+        files: Mapping[str, TensorFile],
         shards: dict[str, list[str]],
+        *,
+        aux_dir: Path | None = None,
+        names: Mapping[str, str] | None = None,
     ) -> None:
+        """``names`` maps the names stored in ``files`` to the names this reader offers (wrapper
+        prefixes of native checkpoints stripped); ``aux_dir`` holds the config and tokenizer files
+        (default: ``path`` when it is a directory)."""
         self.path = path
         self.format = fmt
-        self._files = files
-        self._shards = shards
+        self.aux_dir = aux_dir if aux_dir is not None else (path if path.is_dir() else None)
+        self._files = dict(files)
+        rename = dict(names or {})
+        self._stored: dict[str, str] = {}  # offered name -> stored name
+        self._shards: dict[str, list[str]] = {}
         self._infos: dict[str, WeightInfo] = {}
-        for rel, names in shards.items():
-            for name in names:
-                self._infos[name] = self._describe(name, files[rel])
-        self._file_of = {name: files[rel] for rel, names in shards.items() for name in names}
+        self._file_of: dict[str, TensorFile] = {}
+        for rel, stored_names in shards.items():
+            offered = []
+            for stored in stored_names:
+                name = rename.get(stored, stored)
+                info = files[rel].info(stored)
+                file = getattr(info, "file", None) or files[rel].path
+                self._infos[name] = WeightInfo(name, info.dtype, tuple(info.shape), Path(file))
+                self._stored[name] = stored
+                self._file_of[name] = files[rel]
+                offered.append(name)
+            self._shards[rel] = offered
 
-    @staticmethod
-    def _describe(name: str, file: SafetensorsFile | _BinFile) -> WeightInfo:
-        if isinstance(file, SafetensorsFile):
-            info = file.info(name)
-            return WeightInfo(name, info.dtype, info.shape, file.path)
-        tensor = file.tensors[name]
-        return WeightInfo(name, tensor.dtype, tuple(tensor.shape), file.path)
+    def renamed(self, names: Mapping[str, str]) -> WeightReader:
+        """The same files offering other names (``current name -> new name``); names not in the
+        mapping are dropped. The files are shared: closing either reader closes them."""
+        shards = {
+            rel: [self._stored[n] for n in offered if n in names] for rel, offered in self._shards.items()
+        }
+        stored_to_new = {self._stored[old]: new for old, new in names.items()}
+        return WeightReader(
+            self.path,
+            self.format,
+            self._files,
+            {rel: ns for rel, ns in shards.items() if ns},
+            aux_dir=self.aux_dir,
+            names=stored_to_new,
+        )
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -160,14 +216,14 @@ class WeightReader(Closeable):
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor, owned by the caller, in its stored dtype and shape."""
         self.info(name)
-        return self._file_of[name].read(name)
+        return self._file_of[name].read(self._stored[name])
 
     def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor, 1-D, in the stored dtype."""
         numel = self.info(name).numel
         if not 0 <= start <= stop <= numel:
             raise ValueError(f"range [{start}, {stop}) is outside {name!r} of {numel} elements")
-        return self._file_of[name].read_range(name, start, stop)
+        return self._file_of[name].read_range(self._stored[name], start, stop)
 
     def shard_files(self) -> dict[str, list[str]]:
         """Weights file name (relative to the directory) -> its tensor names, so that a writer
@@ -188,7 +244,7 @@ def _open_file(path: Path) -> SafetensorsFile | _BinFile:
 
 
 def _file_names(file: SafetensorsFile | _BinFile) -> list[str]:
-    return file.names() if isinstance(file, SafetensorsFile) else list(file.tensors)
+    return file.names()
 
 
 def _read_index(index: Path) -> dict[str, list[str]]:
@@ -256,11 +312,16 @@ def open_weights(path: Path) -> WeightReader:
         except OSError as exc:
             raise os_error(path, exc, "listing") from exc
         if found is None:
+            from relexd.io.formats import detect, open_native  # the formats build on this module
+
+            native = detect(path)
+            if native is not None:
+                return open_native(path, native)
             raise CheckpointError(
                 path,
                 "missing_shard",
                 f"no weights file ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE}, {BIN_INDEX} or a "
-                f"single *.safetensors) in {path}",
+                f"single *.safetensors; no verl FSDP rank files or torch DCP checkpoint either) in {path}",
             )
         root = path
     else:

@@ -264,7 +264,7 @@ def test_disk_full_keeps_previous_state_and_retries(h: Harness, monkeypatch: pyt
     assert h.steps() == [10, 20]
 
 
-def test_unsupported_dcp_checkpoint_counted_once(h: Harness) -> None:
+def test_corrupt_dcp_metadata_counted_once(h: Harness) -> None:
     dcp = h.run / "checkpoint-20"
     dcp.mkdir()
     (dcp / "__0_0.distcp").write_bytes(b"x")
@@ -272,7 +272,7 @@ def test_unsupported_dcp_checkpoint_counted_once(h: Harness) -> None:
     (dcp / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
     h.scan()
     h.scan()
-    assert h.errors("unsupported") == 1
+    assert h.errors("corrupt_header") == 1
     h.save(30)
     h.scan()
     assert h.steps() == [10, 30]

@@ -79,16 +79,27 @@ def test_verl_weights_in_actor_dir(tmp_path: Path) -> None:
     assert ref.weights == tmp_path / "global_step_3" / "actor"
 
 
-def test_verl_without_hf_weights_is_unsupported(tmp_path: Path) -> None:
+def test_verl_fsdp_rank_files_are_weights_once_the_tracker_reaches_the_step(tmp_path: Path) -> None:
     actor = tmp_path / "global_step_4" / "actor"
     actor.mkdir(parents=True)
     (actor / "model_world_size_2_rank_0.pt").write_bytes(b"x")
+    (actor / "model_world_size_2_rank_1.pt").write_bytes(b"x")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
+    [pending] = scan_run(tmp_path).pending
+    assert pending.weights == actor
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
+    [ref] = scan_run(tmp_path).complete
+    assert ref.weights == actor and ref.layout == "verl"
+
+
+def test_verl_without_any_weights_is_unsupported(tmp_path: Path) -> None:
+    (tmp_path / "global_step_4" / "actor" / "huggingface").mkdir(parents=True)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
     result = scan_run(tmp_path)
-    assert result.complete == result.pending == []
+    assert result.complete == []
     [(path, why)] = result.unsupported
     assert path == tmp_path / "global_step_4"
-    assert "hf_model" in why
+    assert "rank files" in why
 
 
 def test_openrlhf_needs_a_weights_file(tmp_path: Path) -> None:
@@ -109,16 +120,16 @@ def test_nemo_rl(tmp_path: Path) -> None:
     assert scan_run(tmp_path).pending == []
 
 
-def test_dcp_is_unsupported_once_metadata_exists(tmp_path: Path) -> None:
+def test_dcp_is_pending_until_its_metadata_is_renamed_into_place(tmp_path: Path) -> None:
     weights = tmp_path / "step_6" / "policy" / "weights"
     weights.mkdir(parents=True)
     (weights / "__0_0.distcp").write_bytes(b"x")
+    (weights / ".metadata.tmp").write_bytes(b"x")
     result = scan_run(tmp_path)
-    assert result.complete == result.pending == result.unsupported == []
-    (weights / ".metadata").write_bytes(b"x")
-    [(path, why)] = scan_run(tmp_path).unsupported
-    assert path == tmp_path / "step_6"
-    assert "distcp" in why
+    assert result.complete == result.unsupported == [] and [r.step for r in result.pending] == [6]
+    (weights / ".metadata.tmp").rename(weights / ".metadata")
+    [ref] = scan_run(tmp_path).complete
+    assert ref.weights == weights
 
 
 def test_plain_directories_and_files(tmp_path: Path) -> None:
