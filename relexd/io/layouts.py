@@ -24,16 +24,23 @@ from relexd.io.reader import find_weights_file, is_temp_name
 
 #: Layouts from most to least specific: when two candidates claim one step, the more specific
 #: wins (then the one directly in the run directory, then the smaller path).
-LAYOUTS = ("hf", "verl", "nemo_rl", "openrlhf", "plain", "file")
-#: Sub-directories of the run directory where trainers commonly put their checkpoints.
-NESTED_DIRS = ("checkpoints", "ckpt", "ckpts")
+LAYOUTS = ("hf", "verl", "prime_rl", "nemo_rl", "openrlhf", "deepspeed", "trajectory", "plain", "file")
+#: Sub-directories of the run directory where trainers commonly put their checkpoints
+#: (``broadcasts``: prime-rl's per-step weight broadcasts, ``outputs/broadcasts/step_N``).
+NESTED_DIRS = ("checkpoints", "ckpt", "ckpts", "broadcasts")
 HF_MARKER = "trainer_state.json"
 VERL_TRACKER = "latest_checkpointed_iteration.txt"
+#: prime-rl writes it into ``broadcasts/step_N/`` once the broadcast is complete.
+PRIME_RL_MARKER = "STABLE"
+#: DeepSpeed's tag file in the checkpoint root, naming the newest ``global_stepN`` (written before
+#: the final barrier, so the daemon also waits for stable sizes).
+DEEPSPEED_LATEST = "latest"
 
 _DIR_PATTERNS = (
     ("hf", re.compile(r"checkpoint-(\d+)")),
     ("verl", re.compile(r"global_step_(\d+)")),
     ("openrlhf", re.compile(r"global_step(\d+)_hf")),
+    ("deepspeed", re.compile(r"global_step(\d+)")),
     ("plain", re.compile(r"(?:step|iter)[_-](\d+)")),  # may turn out to be NeMo-RL
 )
 _FILE_PATTERN = re.compile(r"(?:.*[_-])?(?:step|iter|checkpoint)[_-]?(\d+)\.safetensors")
@@ -107,6 +114,19 @@ def _dcp_dir(directory: Path) -> tuple[Path, bool] | None:
     return None
 
 
+#: Stands for "no tracker file at all" (as opposed to one being rewritten right now).
+NO_TRACKER = -1
+
+
+def _deepspeed_latest(path: Path) -> int | None:
+    """The step of the tag in DeepSpeed's ``latest`` (``global_step120``); None if unreadable."""
+    try:
+        match = re.fullmatch(r"global_step(\d+)", path.read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(match.group(1)) if match else None
+
+
 def _read_int(path: Path) -> int | None:
     """The integer in a small marker file; None when absent, empty or half-written."""
     try:
@@ -150,6 +170,7 @@ class _Scanner:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.latest_tag: int | None = None
         self.found: list[tuple[CheckpointRef, bool]] = []
         self.unsupported: list[tuple[Path, str]] = []
 
@@ -159,6 +180,9 @@ class _Scanner:
         except (FileNotFoundError, NotADirectoryError):
             return
         tracker = _read_int(self.root / VERL_TRACKER)
+        if tracker is None and not (self.root / VERL_TRACKER).exists():
+            tracker = NO_TRACKER
+        self.latest_tag = _deepspeed_latest(self.root / DEEPSPEED_LATEST)
         for entry in entries:
             parsed = _parse_name(entry.name)
             if parsed is None:
@@ -181,9 +205,18 @@ class _Scanner:
             complete = (path / HF_MARKER).is_file()
             if complete:
                 step, interval = _hf_record(path, step)
+        elif layout == "verl" and tracker == NO_TRACKER and not (path / "actor").is_dir():
+            # HF weights right in global_step_N/ and no tracker: the RELEX paper's released
+            # trajectories (its download_rlvr_trajectory.py), not a verl run (that has actor/ and
+            # advances the tracker); complete once validated and stable, like other marker-less ones
+            layout, complete = "trajectory", _has_weights(path)
         elif layout == "verl":
             weights = _verl_weights(path)
             complete = tracker is not None and tracker >= step
+        elif layout == "plain" and self.root.name == "broadcasts":
+            layout, complete = "prime_rl", (path / PRIME_RL_MARKER).is_file()
+        elif layout == "deepspeed":
+            complete = self.latest_tag is not None and self.latest_tag >= step and _has_weights(path)
         elif layout == "plain" and (path / "policy").is_dir():
             layout, weights, complete = "nemo_rl", _nemo_weights(path), True
         else:  # openrlhf, plain: no marker
@@ -252,13 +285,18 @@ def scan_run(run_dir: Path) -> ScanResult:
 
 
 #: Layouts without a completion marker: complete only once their files stop changing.
-MARKERLESS = frozenset({"openrlhf", "plain", "file"})
+MARKERLESS = frozenset({"openrlhf", "plain", "file", "trajectory", "deepspeed"})
 
 
 def completion_time(ref: CheckpointRef) -> float | None:
     """Unix time the trainer completed ``ref``: its marker's mtime (``trainer_state.json``, the verl
     tracker), else the checkpoint's own; None once it is gone."""
-    marker = {"hf": ref.path / HF_MARKER, "verl": ref.path.parent / VERL_TRACKER}.get(ref.layout, ref.path)
+    marker = {
+        "hf": ref.path / HF_MARKER,
+        "verl": ref.path.parent / VERL_TRACKER,
+        "prime_rl": ref.path / PRIME_RL_MARKER,
+        "deepspeed": ref.path.parent / DEEPSPEED_LATEST,
+    }.get(ref.layout, ref.path)
     try:
         return marker.stat().st_mtime
     except OSError:

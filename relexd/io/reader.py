@@ -41,8 +41,9 @@ def is_temp_name(name: str) -> bool:
     return (
         name.startswith(".")
         or ".tmp" in name
-        or name.startswith("tmp-checkpoint-")
-        or name.startswith("tmp_step_")
+        or name.startswith(("tmp-checkpoint-", "tmp_step_"))
+        # verl's Megatron backend (mbridge) stages these in actor/huggingface/ while it saves
+        or name.startswith(("mcore_batch_", "hf_batch_"))
     )
 
 

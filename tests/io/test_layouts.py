@@ -105,10 +105,13 @@ def test_verl_without_any_weights_is_unsupported(tmp_path: Path) -> None:
 def test_openrlhf_needs_a_weights_file(tmp_path: Path) -> None:
     _weights(tmp_path / "global_step7_hf")
     (tmp_path / "global_step8_hf").mkdir()
-    _weights(tmp_path / "global_step9")  # DeepSpeed engine state, not HF weights
+    _weights(tmp_path / "global_step9")  # DeepSpeed's tag: complete only once `latest` names it
     result = scan_run(tmp_path)
     assert _steps(result.complete) == [(7, "openrlhf")]
-    assert _steps(result.pending) == [(8, "openrlhf")]
+    assert _steps(result.pending) == [(8, "openrlhf"), (9, "deepspeed")]
+    _weights(tmp_path / "global_step7")  # OpenRLHF saves both; its HF weights are preferred
+    (tmp_path / "latest").write_text("global_step7")
+    assert _steps(scan_run(tmp_path).complete) == [(7, "openrlhf")]
 
 
 def test_nemo_rl(tmp_path: Path) -> None:
@@ -251,3 +254,30 @@ def test_checkpoint_of_names_the_checkpoint_an_event_path_lies_in(tmp_path: Path
     assert checkpoint_of(run / "tmp-checkpoint-3" / "x", run) is None  # a temporary name
     assert checkpoint_of(run / "runs" / "events.out.tfevents", run) is None
     assert checkpoint_of(tmp_path / "elsewhere" / "checkpoint-1", run) is None
+
+
+def test_relex_paper_trajectories_have_no_tracker_and_are_marker_less(tmp_path: Path) -> None:
+    """download_rlvr_trajectory.py lays out global_step_N/ with HF weights and no tracker file."""
+    for step in (1, 2):
+        _weights(tmp_path / f"global_step_{step}")
+    result = scan_run(tmp_path)
+    assert [(r.step, r.layout) for r in result.complete] == [(1, "trajectory"), (2, "trajectory")]
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("")  # a verl tracker mid-rewrite
+    assert scan_run(tmp_path).complete == []  # now it is verl: wait for the tracker
+
+
+def test_prime_rl_broadcasts_are_complete_with_their_stable_file(tmp_path: Path) -> None:
+    broadcast = _weights(tmp_path / "broadcasts" / "step_5")
+    assert [r.step for r in scan_run(tmp_path).pending] == [5]
+    (broadcast / "STABLE").write_text("")
+    [ref] = scan_run(tmp_path).complete
+    assert (ref.step, ref.layout, ref.weights) == (5, "prime_rl", broadcast)
+
+
+def test_verl_megatron_transient_files_are_not_weights(tmp_path: Path) -> None:
+    hf = tmp_path / "global_step_3" / "actor" / "huggingface"
+    _weights(hf, "hf_batch_0.safetensors")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2")
+    [pending] = scan_run(tmp_path).pending
+    with pytest.raises(Exception, match="no weights file"):
+        open_weights(pending.weights)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relexd.io.formats.dcp import DcpCheckpoint, is_dcp, model_names
+from relexd.io.formats.deepspeed import DeepSpeedCheckpoint, is_deepspeed
 from relexd.io.formats.verl_fsdp import VerlFsdpCheckpoint, is_verl_fsdp
 from relexd.io.names import strip_wrappers
 from relexd.io.reader import TensorFile, WeightReader
@@ -19,6 +20,7 @@ from relexd.io.reader import TensorFile, WeightReader
 FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], TensorFile]]] = {
     "verl_fsdp": (is_verl_fsdp, VerlFsdpCheckpoint),
     "dcp": (is_dcp, DcpCheckpoint),
+    "deepspeed": (is_deepspeed, DeepSpeedCheckpoint),
 }
 
 
