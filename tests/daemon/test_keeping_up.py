@@ -47,7 +47,10 @@ def test_real_trl_grpo_every_step_with_rotation_is_followed_completely(tmp_path:
     aside.mkdir()
     writer = [sys.executable, str(HERE / "trl_writer.py")]
     subprocess.run([*writer, "base", str(base)], check=True, timeout=300, cwd=ROOT)
-    daemon = Daemon(tmp_path, run, base, "--preview-at", "100")
+    # TRL saves a checkpoint every ~55 ms here, about as fast as relexd commits one on an idle
+    # machine and faster on a loaded one: the pins must hold the whole backlog (24 small ones).
+    # With --max-pinned 0 this run loses checkpoints (README "Keeping up").
+    daemon = Daemon(tmp_path, run, base, "--preview-at", "100", "--max-pinned", "32")
     steps = 24
     try:
         daemon.wait_url()

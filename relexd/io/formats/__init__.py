@@ -12,6 +12,7 @@ from pathlib import Path
 
 from relexd.io.formats.dcp import DcpCheckpoint, is_dcp, model_names
 from relexd.io.formats.deepspeed import DeepSpeedCheckpoint, is_deepspeed
+from relexd.io.formats.nemo_rl import NemoRlCheckpoint, is_nemo_rl
 from relexd.io.formats.verl_fsdp import VerlFsdpCheckpoint, is_verl_fsdp
 from relexd.io.names import strip_wrappers
 from relexd.io.reader import TensorFile, WeightReader
@@ -21,6 +22,7 @@ FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], TensorFile]]] 
     "verl_fsdp": (is_verl_fsdp, VerlFsdpCheckpoint),
     "dcp": (is_dcp, DcpCheckpoint),
     "deepspeed": (is_deepspeed, DeepSpeedCheckpoint),
+    "nemo_rl": (is_nemo_rl, NemoRlCheckpoint),
 }
 
 

@@ -45,8 +45,9 @@ from relexd.io.safetensors_file import os_error
 
 RANK_FILE = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
 CONFIG = "fsdp_config.json"
-#: Bytes read through the current mappings before they are dropped and re-made.
-REMAP_BYTES = 256 << 20
+#: Bytes read through the current mappings before they are dropped and re-made: at least this,
+#: else the largest tensor's size (re-mapping costs one unpickling of each rank file's keys).
+REMAP_MIN_BYTES = 16 << 20
 
 # Unpickling a DeviceMesh outside a process group logs a torch.compile warning on every load.
 logging.getLogger("torch.distributed.device_mesh").setLevel(logging.ERROR)
@@ -110,6 +111,8 @@ class VerlFsdpCheckpoint(AssembledFile):
                     self._files[rank], "corrupt_header", f"tensor names differ from rank 0: {odd}"
                 )
         self._infos = {name: self._describe(name, states) for name in self._names}
+        largest = max((math.prod(i.shape) * i.dtype.itemsize for i in self._infos.values()), default=0)
+        self._remap_bytes = max(largest, REMAP_MIN_BYTES)
 
     @staticmethod
     def _check_config(path: Path, world: int) -> None:
@@ -158,7 +161,7 @@ class VerlFsdpCheckpoint(AssembledFile):
 
     def assemble(self, name: str) -> torch.Tensor:
         info = self._infos[name]
-        if self._read_since_map > REMAP_BYTES:
+        if self._read_since_map >= self._remap_bytes:
             self._states = None  # let the touched pages go
         states = self._map()
         value = states[0][name]
@@ -176,23 +179,64 @@ class VerlFsdpCheckpoint(AssembledFile):
         self._read_since_map += math.prod(info.shape) * info.dtype.itemsize
         return whole
 
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements of the flattened tensor, straight from the ranks' mapped shards when they are
+        consecutive in flat order (a plain tensor, or ``Shard(0)``: FSDP's placement) — no whole
+        tensor is built; other placements go through :meth:`assemble`."""
+        pieces = self._flat_pieces(name)
+        if pieces is None:
+            return super().read_range(name, start, stop)
+        out = torch.empty(stop - start, dtype=self._infos[name].dtype)
+        at = 0  # flat offset of the current piece
+        for piece in pieces:
+            lo, hi = max(start, at), min(stop, at + piece.numel())
+            if lo < hi:
+                out[lo - start : hi - start].copy_(piece[lo - at : hi - at])
+            at += piece.numel()
+        self._read_since_map += out.numel() * out.element_size()
+        return out
+
+    def _flat_pieces(self, name: str) -> list[torch.Tensor] | None:
+        if self._read_since_map >= self._remap_bytes:
+            self._states = None  # let the touched pages go
+        states = self._map()
+        value = states[0][name]
+        placements = getattr(value, "placements", None)
+        if placements is None:
+            return [value.reshape(-1)]
+        if [p.dim for p in placements if p.is_shard()] != [0] or not all(
+            p.is_shard() or p.is_replicate() for p in placements
+        ):
+            return None
+        pieces = [
+            states[rank][name].to_local().reshape(-1) for rank in self._shard_group(name, value, states)
+        ]
+        if sum(p.numel() for p in pieces) != math.prod(self._infos[name].shape):
+            raise CheckpointError(
+                self._files[0], "corrupt_header", f"{name!r}: shards do not add up to its shape"
+            )
+        return pieces
+
+    def _shard_group(self, name: str, value: Any, states: list[dict[str, Any]]) -> list[int]:
+        """Ranks holding the shards of the first replica group (index 0 on every other mesh dim,
+        all positions on the shard dim), in mesh order."""
+        mesh = value.device_mesh.mesh
+        mesh_dim = next(i for i, p in enumerate(value.placements) if p.is_shard())
+        group = mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim])[0].tolist()
+        if max(group) >= len(states):
+            raise CheckpointError(
+                self._files[0],
+                "missing_shard",
+                f"{name!r}: the mesh names rank {max(group)} of {len(states)}",
+            )
+        return group
+
     def _concat(self, name: str, value: Any, states: list[dict[str, Any]]) -> torch.Tensor:
         shard_dims = [i for i, p in enumerate(value.placements) if p.is_shard()]
         if any(not (p.is_shard() or p.is_replicate()) for p in value.placements) or len(shard_dims) > 1:
             raise CheckpointError(self._files[0], "unsupported", f"{name!r}: placements {value.placements}")
         if not shard_dims:
             return value.to_local().clone(memory_format=torch.contiguous_format)
-        mesh = value.device_mesh.mesh
-        mesh_dim = shard_dims[0]
-        tensor_dim = value.placements[mesh_dim].dim
-        # the first replica group: index 0 on every other mesh dim, all positions on the shard dim
-        group = mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim])[0]
-        pieces = []
-        for rank in group.tolist():
-            if rank >= len(states):
-                raise CheckpointError(
-                    self._files[0], "missing_shard", f"{name!r} names rank {rank} of {len(states)}"
-                )
-            local = states[rank][name]
-            pieces.append(local.to_local() if hasattr(local, "to_local") else local)
+        tensor_dim = value.placements[shard_dims[0]].dim
+        pieces = [states[rank][name].to_local() for rank in self._shard_group(name, value, states)]
         return torch.cat(pieces, dim=tensor_dim)

@@ -11,6 +11,9 @@ that leaves rank 1's shard empty) it writes, per step:
   manager's order;
 * ``OUT/<model>/dcp/step_N/`` — ``torch.distributed.checkpoint.save`` of
   ``{"model": ..., "optimizer": ...}`` from ``get_state_dict`` (DTensor state), torchtitan-style;
+* ``OUT/<model>/nemo/step_N/policy/weights/model/`` (two ranks only) — torch's
+  ``HuggingFaceStorageWriter(save_distributed=True)``, what NeMo Automodel saves with: per-rank
+  ``shard-…safetensors`` with ``DCP_SHARDING_INFO``, written to ``tmp_step_N`` and renamed;
 * ``OUT/<model>/hf/checkpoint-N/`` — the same weights gathered (``full_tensor``) and saved as HF
   safetensors with ``trainer_state.json``: the reference every native reader must equal;
 * ``OUT/<model>/base/`` — θ₀ as HF safetensors (and config); ``--base-only`` writes just that, so
@@ -104,6 +107,18 @@ def main() -> None:
 
                 msd, osd = get_state_dict(model, optim)
                 dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(root / "dcp" / f"step_{step}"))
+                # NeMo-RL (DTensor v2): every rank's slices as safetensors, written to tmp_step_N,
+                # renamed to step_N when complete
+                from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+                tmp = root / "nemo" / f"tmp_step_{step}"
+                writer = HuggingFaceStorageWriter(
+                    path=str(tmp / "policy" / "weights" / "model"), save_distributed=True
+                )
+                dcp.save(state, storage_writer=writer)
+                dist.barrier()
+                if rank == 0:
+                    tmp.rename(root / "nemo" / f"step_{step}")
                 dist.barrier()
             else:
                 dcp.save({"model": state}, checkpoint_id=str(root / "dcp" / f"step_{step}"), no_dist=True)
