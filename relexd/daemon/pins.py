@@ -30,7 +30,7 @@ from relexd.io.formats.dcp import METADATA as DCP_METADATA
 from relexd.io.formats.verl_fsdp import CONFIG as VERL_CONFIG
 from relexd.io.formats.verl_fsdp import RANK_FILE
 from relexd.io.layouts import CheckpointRef
-from relexd.io.reader import ADAPTER_NAMES, is_temp_name
+from relexd.io.reader import is_temp_name
 
 #: Where descriptors can be reopened by path (Linux). Without it nothing is pinned.
 PROC_FD = Path("/proc/self/fd")
@@ -44,10 +44,10 @@ def _wanted(name: str) -> bool:
     """Files of a checkpoint directory the reader or the engine may open (never optimizer states)."""
     if name in (DCP_METADATA, VERL_CONFIG):
         return True
-    if is_temp_name(name) or name in ADAPTER_NAMES:
+    if is_temp_name(name):
         return False
     return (
-        name.endswith((".safetensors", ".index.json", ".distcp"))
+        name.endswith((".safetensors", ".index.json", ".distcp"))  # adapter_model.safetensors too
         or (name.startswith("pytorch_model") and name.endswith(".bin"))
         or RANK_FILE.fullmatch(name) is not None
         or name in AUX_FILES

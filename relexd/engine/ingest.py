@@ -45,9 +45,10 @@ CHUNK_ELEMS = 1 << 20
 #: Non-weight files copied from the newest checkpoint into previews (what a loader needs; never
 #: trainer internals such as optimizer or RNG state).
 #: Formats whose files are Hugging Face weight files (the preview can mirror their shards).
-HF_FORMATS = ("safetensors", "bin")
+HF_FORMATS = ("safetensors", "bin", "peft")
 AUX_FILES = (
     "config.json",
+    "adapter_config.json",  # a PEFT adapter's: its preview is an adapter PeftModel loads
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",

@@ -39,7 +39,8 @@ def preview_name(target: int) -> str:
 def output_file_name(source_name: str) -> str:
     """Source weight file name → preview file name (always safetensors)."""
     if source_name.endswith(".safetensors"):
-        return source_name if source_name.startswith("model") else "model.safetensors"
+        keep = source_name.startswith("model") or source_name == "adapter_model.safetensors"
+        return source_name if keep else "model.safetensors"
     if source_name == "pytorch_model.bin":
         return "model.safetensors"
     if source_name.startswith("pytorch_model-") and source_name.endswith(".bin"):
@@ -79,7 +80,8 @@ def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Pat
                     _write_tensor(writer, name, dtype, snapshot, sketch, base, target, width)
                     weight_map[name] = out_name
                     total += _nbytes(specs[name])
-        if set(weight_map.values()) != {"model.safetensors"}:
+        # a single model.safetensors or adapter needs no index; shard files (even one) do
+        if set(weight_map.values()) - {"model.safetensors", "adapter_model.safetensors"}:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for fname, digest in meta.get("aux", {}).items():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relexd.io.formats import detect
-from relexd.io.reader import find_weights_file, is_temp_name
+from relexd.io.reader import ADAPTER_WEIGHTS, find_weights_file, is_temp_name
 
 #: Layouts from most to least specific: when two candidates claim one step, the more specific
 #: wins (then the one directly in the run directory, then the smaller path).
@@ -96,7 +96,11 @@ def _parse_name(name: str) -> tuple[str, int] | None:
 def _has_weights(directory: Path) -> bool:
     """HF weights, or a native format relexd reads (verl FSDP rank files, a *complete* DCP)."""
     try:
-        return find_weights_file(directory) is not None or detect(directory) is not None
+        return (
+            find_weights_file(directory) is not None
+            or (directory / ADAPTER_WEIGHTS).is_file()
+            or detect(directory) is not None
+        )
     except (FileNotFoundError, NotADirectoryError):
         return False
 

@@ -28,6 +28,9 @@ from relexd._closeable import Closeable
 from relexd.errors import CheckpointError
 from relexd.io.safetensors_file import SafetensorsFile, os_error
 
+#: A PEFT adapter checkpoint (TRL + peft): ``adapter_model.safetensors`` + ``adapter_config.json``.
+#: Its trajectory is followed in adapter space: the adapter tensors are the weights.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
@@ -295,10 +298,14 @@ def _open_sharded(index: Path, fmt: str, root: Path) -> WeightReader:
     return WeightReader(root, fmt, files, shards)
 
 
-def _open_single(path: Path, root: Path) -> WeightReader:
+def _single_file(path: Path) -> tuple[dict[str, TensorFile], dict[str, list[str]]]:
     file = _open_file(path)
-    fmt = "safetensors" if isinstance(file, SafetensorsFile) else "bin"
-    return WeightReader(root, fmt, {path.name: file}, {path.name: _file_names(file)})
+    return {path.name: file}, {path.name: _file_names(file)}
+
+
+def _open_single(path: Path, root: Path) -> WeightReader:
+    fmt = "safetensors" if path.suffix == ".safetensors" else "bin"
+    return WeightReader(root, fmt, *_single_file(path))
 
 
 def open_weights(path: Path) -> WeightReader:
@@ -312,6 +319,8 @@ def open_weights(path: Path) -> WeightReader:
             found = find_weights_file(path)
         except OSError as exc:
             raise os_error(path, exc, "listing") from exc
+        if found is None and (path / ADAPTER_WEIGHTS).is_file():
+            return WeightReader(path, "peft", *_single_file(path / ADAPTER_WEIGHTS))
         if found is None:
             from relexd.io.formats import detect, open_native  # the formats build on this module
 

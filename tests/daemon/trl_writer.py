@@ -52,7 +52,7 @@ def ones_reward(completions: list[str], **_: object) -> list[float]:
     return [c.count("1") / max(len(c), 1) for c in completions]
 
 
-def train(base: Path, run: Path, steps: int, aside: Path | None) -> None:
+def train(base: Path, run: Path, steps: int, aside: Path | None, lora: bool = False, keep: int = 2) -> None:
     from datasets import Dataset
     from transformers import Qwen2ForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -66,10 +66,15 @@ def train(base: Path, run: Path, steps: int, aside: Path | None) -> None:
 
     prompts = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(8) for b in range(8)]})
     args = GRPOConfig(
-        output_dir=str(run), max_steps=steps, save_steps=1, save_total_limit=2, save_only_model=True,
+        output_dir=str(run), max_steps=steps, save_steps=1, save_total_limit=keep, save_only_model=True,
         per_device_train_batch_size=4, num_generations=4, max_completion_length=4, learning_rate=3e-3,
         logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, bf16=False,
     )  # fmt: skip
+    peft_config = None
+    if lora:  # TRL + peft: the checkpoints hold adapter_model.safetensors + adapter_config.json
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     trainer = GRPOTrainer(
         model=Qwen2ForCausalLM.from_pretrained(base),
         reward_funcs=ones_reward,
@@ -77,6 +82,7 @@ def train(base: Path, run: Path, steps: int, aside: Path | None) -> None:
         train_dataset=prompts,
         processing_class=build_tokenizer(),
         callbacks=[KeepAside()] if aside is not None else [],
+        peft_config=peft_config,
     )
     started = time.perf_counter()
     trainer.train()
@@ -93,11 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("run", type=Path)
     t.add_argument("--steps", type=int, default=24)
     t.add_argument("--aside", type=Path)
+    t.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft) instead")
+    t.add_argument("--keep", type=int, default=2, help="save_total_limit")
     args = ap.parse_args(argv)
     if args.verb == "base":
         write_base(args.base)
     else:
-        train(args.base, args.run, args.steps, args.aside)
+        train(args.base, args.run, args.steps, args.aside, args.lora, args.keep)
 
 
 if __name__ == "__main__":
