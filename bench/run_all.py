@@ -2,7 +2,7 @@
 
 ``python -m bench.run_all --quick`` (small shapes, a few minutes), ``python -m bench.run_all``
 (0.5B shapes, the configurations of bench/README.md) or ``… --large`` (adds the 1.5B-shaped ingest).
-``--only ingest preview`` runs a subset; ``demo`` is the demo's extrapolation table (5 demo runs,
+``--only ingest preview`` runs a subset; ``formats`` compares the checkpoint formats; ``demo`` is the demo's extrapolation table (5 demo runs,
 ~8 min, or 2 with ``--quick``). Benchmarks run one
 after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
 """
@@ -18,7 +18,7 @@ from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
 from relexd.engine.config import DEFAULT_RANK
 
-BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "demo")
+BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -80,6 +80,12 @@ def main() -> None:
         texts = run_ingest_and_preview(args.quick, "ingest" in args.only, "preview" in args.only, args.large)
         for name, text in texts.items():
             save(name, text, time.perf_counter() - t0)
+    if "formats" in args.only:
+        from bench import formats
+
+        t0 = time.perf_counter()
+        result = formats.run(layers=2, vocab=16384) if args.quick else formats.run()
+        save("formats", formats.report(result), time.perf_counter() - t0)
     if "demo" in args.only:
         from bench import demo_table
 

@@ -130,11 +130,16 @@ def test_bad_index(tmp_path: Path, text: str) -> None:
 
 
 def test_no_weights(tmp_path: Path) -> None:
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
     (tmp_path / "config.json").write_text("{}")
     error = _reason(tmp_path)
     assert error.reason == "missing_shard"
     assert "no weights file" in error.message
+
+
+def test_an_adapter_is_the_weights_of_an_adapter_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")  # and it is validated like any file
+    error = _reason(tmp_path)
+    assert error.reason == "truncated" and error.path == tmp_path / "adapter_model.safetensors"
 
 
 def test_missing_path_is_rotation(tmp_path: Path) -> None:
