@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 #: Weight files of an adapter (PEFT/LoRA), not of the full model: never taken as weights.
 ADAPTER_NAMES = frozenset({"adapter_model.safetensors", "adapter_model.bin"})
+#: One rank's slices written by torch's HuggingFaceStorageWriter (NeMo-RL): relexd.io.formats.nemo_rl.
+RANK_SHARD = re.compile(r"shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors")
 
 
 def is_temp_name(name: str) -> bool:
@@ -62,6 +65,7 @@ def find_weights_file(directory: Path) -> Path | None:
         if entry.suffix == ".safetensors"
         and not is_temp_name(entry.name)
         and entry.name not in ADAPTER_NAMES
+        and not RANK_SHARD.fullmatch(entry.name)  # one rank's slices, not the weights
         and entry.is_file()
     ]
     return candidates[0] if len(candidates) == 1 else None

@@ -4,6 +4,7 @@ exactly which ones it could not, and is not delayed by writes elsewhere in the r
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -186,3 +187,37 @@ def test_completed_checkpoint_is_committed_within_a_second_while_another_directo
     delays = {step: history[step] - completed[step] for step in completed}
     print("completion → commit, s:", json.dumps({k: round(v, 3) for k, v in delays.items()}))
     assert all(d < 1.0 for d in delays.values()), delays
+
+
+@pytest.mark.slow
+def test_prime_rl_broadcasts_deleted_two_steps_later_are_all_read(tmp_path: Path) -> None:
+    """prime-rl writes its weight broadcast every step (STABLE last) and deletes it about two
+    steps later: relexd reads every one, and nothing is ever counted as corruption."""
+    from tests.daemon.trainer_sim import _save_renamed
+
+    planted, base = make_base(tmp_path, noise=0.001)
+    outputs = tmp_path / "outputs"
+    broadcasts = outputs / "broadcasts"
+    broadcasts.mkdir(parents=True)
+    daemon = Daemon(tmp_path, outputs, base)
+    steps = 30
+    try:
+        daemon.wait_url()
+        daemon.wait_for(lambda: daemon.get("/readyz")[0] == 200, what="readyz")
+        for step in range(1, steps + 1):
+            broadcast = broadcasts / f"step_{step}"
+            broadcast.mkdir()
+            _save_renamed(planted.at(step), broadcast / "model.safetensors")
+            (broadcast / "STABLE").touch()
+            gone = broadcasts / f"step_{step - 2}"
+            if gone.exists():
+                shutil.rmtree(gone)
+            time.sleep(0.2)  # a broadcast lives ~0.4 s: shorter than prime-rl's steps
+        daemon.wait_for(lambda: daemon.steps()[-1:] == [steps], timeout=120, what=f"step {steps}")
+        errors = {r: daemon.metric("relexd_checkpoint_errors_total", reason=r) for r in REASONS}
+    finally:
+        assert daemon.stop() == 0
+    meta = read_snapshot(daemon.state).meta
+    assert meta["steps"] == list(range(1, steps + 1)) and _missed_steps(daemon.state) == []
+    assert all(v == 0 for v in errors.values()), errors
+    assert meta["history"][0]["source"].endswith("broadcasts/step_1")

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 
 from relexd.errors import CheckpointError
 from relexd.io.formats._assembled import AssembledFile
-from relexd.io.reader import TensorMeta
+from relexd.io.reader import RANK_SHARD, TensorMeta
 from relexd.io.safetensors_file import SafetensorsFile
 
-SHARD = re.compile(r"shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors")
+SHARD = RANK_SHARD
 SHARDING_KEY = "DCP_SHARDING_INFO"
 
 
@@ -51,8 +50,19 @@ class NemoRlCheckpoint(AssembledFile):
         super().__init__(directory)
         self._files: list[SafetensorsFile] = []
         self._slices: dict[str, list[tuple[SafetensorsFile, tuple[int, ...]]]] = {}
+        paths = shard_files(directory)
+        numbers = sorted(int(SHARD.fullmatch(p.name).group(1)) for p in paths)  # type: ignore[union-attr]
+        absent = sorted(set(range(1, max(numbers, default=0) + 1)) - set(numbers))
+        if (
+            absent
+        ):  # ranks are numbered from 1 (HuggingFaceStorageWriter's shard_index); no index says how many
+            raise CheckpointError(
+                directory / paths[0].name.replace(f"shard-{numbers[0]:05d}", f"shard-{absent[0]:05d}"),
+                "missing_shard",
+                f"rank shard missing (have {numbers})",
+            )
         try:
-            for path in shard_files(directory):
+            for path in paths:
                 file = SafetensorsFile(path)
                 self._files.append(file)
                 info = self._sharding(file)

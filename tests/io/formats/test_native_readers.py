@@ -190,21 +190,44 @@ def test_bad_verl_checkpoints_are_clear_errors_and_leave_the_state(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["dcp", "nemo"])
 @pytest.mark.parametrize("damage", ["truncated", "missing_file"])
-def test_bad_dcp_checkpoints_are_clear_errors(written: Path, tmp_path: Path, damage: str) -> None:
+def test_bad_dcp_and_nemo_checkpoints_are_clear_errors(
+    written: Path, tmp_path: Path, fmt: str, damage: str
+) -> None:
     root = written / "w2" / "odd"
     ckpt = tmp_path / "step_2"
-    shutil.copytree(_source(root, "dcp", 2), ckpt)
-    victim = ckpt / "__1_0.distcp"
+    shutil.copytree(_source(root, fmt, 2), ckpt)
+    # NeMo's shards carry no count: a missing first shard shows as a gap (a missing last one as
+    # tensors smaller than the base's, a shape_mismatch)
+    victim = ckpt / ("__1_0.distcp" if fmt == "dcp" else "shard-00001-model-00001-of-00001.safetensors")
     if damage == "truncated":
-        os.truncate(victim, victim.stat().st_size // 2)
+        os.truncate(victim, victim.stat().st_size - 3)
     else:
         victim.unlink()
     with _engine(tmp_path, root / "base") as engine:
         with pytest.raises(CheckpointError) as caught:
             engine.ingest(ckpt, 2)
         assert caught.value.reason == ("truncated" if damage == "truncated" else "missing_shard")
-        assert str(victim) in str(caught.value)
+        named = (
+            victim
+            if damage == "truncated" or fmt == "dcp"
+            else ckpt / "shard-00001-model-00001-of-00001.safetensors"
+        )
+        assert str(named) in str(caught.value)
+        assert engine.steps == []
+
+
+@pytest.mark.slow
+def test_a_dcp_checkpoint_can_be_the_base(written: Path, tmp_path: Path) -> None:
+    """--base may be a native checkpoint: its tensor names become the base's, HF names."""
+    root = written / "w2" / "qwen2"
+    _extrapolate(root / "dcp", _source(root, "dcp", 1), tmp_path / "dcp-base")
+    _extrapolate(root / "hf", root / "hf" / "checkpoint-1", tmp_path / "hf-base")  # observes 1, 2, 3 too
+    native = load_file(str(tmp_path / "dcp-base" / "previews" / "step-9" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "hf-base" / "previews" / "step-9" / "model.safetensors"))
+    assert native.keys() == reference.keys() and "lm_head.weight" in native
+    assert all(torch.equal(native[k], reference[k]) for k in reference)
 
 
 class _Payload:
