@@ -2,8 +2,8 @@
 
 ``python -m bench.run_all --quick`` (small shapes, a few minutes), ``python -m bench.run_all``
 (0.5B shapes, the configurations of bench/README.md) or ``… --large`` (adds the 1.5B-shaped ingest).
-``--only ingest preview`` runs a subset; ``formats`` compares the checkpoint formats; ``demo`` is the demo's extrapolation table (5 demo runs,
-~8 min, or 2 with ``--quick``). Benchmarks run one
+``--only ingest preview`` runs a subset; ``formats`` compares the checkpoint formats; ``demo`` is
+the demo's extrapolation table (5 demo runs, ~8 min, or 2 with ``--quick``). Benchmarks run one
 after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
 """
 
