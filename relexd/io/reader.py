@@ -107,7 +107,30 @@ class TensorFile(Protocol):
     def close(self) -> None: ...
 
 
-class _BinFile:
+class TensorDict:
+    """Tensors of a loaded (memory-mapped) state dict: copies are handed out, never the mapping."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorMeta:
+        tensor = self.tensors[name]
+        return TensorMeta(tensor.dtype, tuple(tensor.shape), self.path)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name].clone(memory_format=torch.contiguous_format)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name].reshape(-1)[start:stop].clone()
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+class _BinFile(TensorDict):
     """One zip-format torch.save state dict, memory-mapped, loaded without unpickling objects."""
 
     def __init__(self, path: Path) -> None:
@@ -138,22 +161,6 @@ class _BinFile:
                 path, "unsupported", "not a flat dict of tensor names to tensors (a state dict)"
             )
         self.tensors: dict[str, torch.Tensor] = state
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorMeta:
-        tensor = self.tensors[name]
-        return TensorMeta(tensor.dtype, tuple(tensor.shape), self.path)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.tensors[name].clone(memory_format=torch.contiguous_format)
-
-    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.tensors[name].reshape(-1)[start:stop].clone()
-
-    def close(self) -> None:
-        self.tensors = {}
 
 
 class WeightReader(Closeable):

@@ -25,12 +25,13 @@ class AssembledFile(ABC):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._cached: tuple[str, torch.Tensor] | None = None
+        self._infos: dict[str, TensorMeta] = {}  # filled by the subclass, in storage order
 
-    @abstractmethod
-    def names(self) -> list[str]: ...
+    def names(self) -> list[str]:
+        return list(self._infos)
 
-    @abstractmethod
-    def info(self, name: str) -> TensorMeta: ...
+    def info(self, name: str) -> TensorMeta:
+        return self._infos[name]
 
     @abstractmethod
     def assemble(self, name: str) -> torch.Tensor:
@@ -52,3 +53,11 @@ class AssembledFile(ABC):
 
     def close(self) -> None:
         self._cached = None
+
+
+def place(whole: torch.Tensor, piece: torch.Tensor, offsets: tuple[int, ...]) -> None:
+    """Copy ``piece`` into ``whole`` at the global ``offsets`` of its first element."""
+    region = whole
+    for dim, (start, size) in enumerate(zip(offsets, piece.shape, strict=True)):
+        region = region.narrow(dim, start, size)
+    region.copy_(piece)

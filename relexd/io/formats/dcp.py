@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from relexd.errors import CheckpointError
-from relexd.io.formats._assembled import AssembledFile
+from relexd.io.formats._assembled import AssembledFile, place
 from relexd.io.formats._unpickle import Refused, loads
 from relexd.io.reader import TensorMeta
 from relexd.io.safetensors_file import os_error
@@ -116,6 +116,8 @@ class DcpCheckpoint(AssembledFile):
                     self._check_extent(where)
                     pieces.append((chunk, where))
                 self._pieces[fqn] = pieces
+                first = pieces[0][1].relative_path if pieces else METADATA
+                self._infos[fqn] = TensorMeta(tmd.properties.dtype, tuple(tmd.size), self.path / str(first))
         except BaseException:
             self.close()
             raise
@@ -139,14 +141,6 @@ class DcpCheckpoint(AssembledFile):
             raise CheckpointError(
                 file, "truncated", f"{self._sizes[rel]} bytes, .metadata needs {where.offset + where.length}"
             )
-
-    def names(self) -> list[str]:
-        return list(self._meta)
-
-    def info(self, name: str) -> TensorMeta:
-        tmd = self._meta[name]
-        first = self._pieces[name][0][1].relative_path if self._pieces[name] else METADATA
-        return TensorMeta(tmd.properties.dtype, tuple(tmd.size), self.path / str(first))
 
     def assemble(self, name: str) -> torch.Tensor:
         tmd = self._meta[name]
@@ -172,10 +166,7 @@ class DcpCheckpoint(AssembledFile):
                 raise CheckpointError(
                     file, "corrupt_header", f"{name!r}: chunk is not a tensor of {list(chunk.sizes)}"
                 )
-            region = whole
-            for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
-                region = region.narrow(dim, start, size)
-            region.copy_(piece)
+            place(whole, piece, tuple(chunk.offsets))
         return whole
 
     def close(self) -> None:

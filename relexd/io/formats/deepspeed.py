@@ -32,7 +32,7 @@ import torch
 
 from relexd.errors import CheckpointError
 from relexd.io.formats._unpickle import restricted_unpickler
-from relexd.io.reader import TensorMeta
+from relexd.io.reader import TensorDict
 from relexd.io.safetensors_file import os_error
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -67,7 +67,7 @@ def is_deepspeed(directory: Path) -> bool:
     return (directory / MODEL_STATES).is_file()
 
 
-class DeepSpeedCheckpoint:
+class DeepSpeedCheckpoint(TensorDict):
     """The ``"module"`` tensors of one DeepSpeed tag directory."""
 
     def __init__(self, directory: Path) -> None:
@@ -102,23 +102,7 @@ class DeepSpeedCheckpoint:
                 if partitioned
                 else '"module" holds no weights',
             )
-        self._tensors = tensors
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def info(self, name: str) -> TensorMeta:
-        tensor = self._tensors[name]
-        return TensorMeta(tensor.dtype, tuple(tensor.shape), self.path)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone(memory_format=torch.contiguous_format)
-
-    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._tensors[name].reshape(-1)[start:stop].clone()
-
-    def close(self) -> None:
-        self._tensors = {}
+        self.tensors = tensors
 
 
 def _zero_stage(state: dict[str, Any]) -> int | None:

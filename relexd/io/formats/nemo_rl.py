@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from relexd.errors import CheckpointError
-from relexd.io.formats._assembled import AssembledFile
+from relexd.io.formats._assembled import AssembledFile, place
 from relexd.io.reader import RANK_SHARD, TensorMeta
 from relexd.io.safetensors_file import SafetensorsFile
 
@@ -106,21 +106,11 @@ class NemoRlCheckpoint(AssembledFile):
             )
         return TensorMeta(dtypes.pop(), shape, first.path)
 
-    def names(self) -> list[str]:
-        return list(self._slices)
-
-    def info(self, name: str) -> TensorMeta:
-        return self._infos[name]
-
     def assemble(self, name: str) -> torch.Tensor:
         info = self._infos[name]
         whole = torch.empty(info.shape, dtype=info.dtype)
         for file, offsets in self._slices[name]:
-            region = whole
-            piece = file.read(name)
-            for dim, (start, size) in enumerate(zip(offsets, piece.shape, strict=True)):
-                region = region.narrow(dim, start, size)
-            region.copy_(piece)
+            place(whole, file.read(name), offsets)
         return whole
 
     def close(self) -> None:

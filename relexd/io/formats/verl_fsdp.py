@@ -153,12 +153,6 @@ class VerlFsdpCheckpoint(AssembledFile):
             )
         return TensorMeta(value.dtype, tuple(value.shape), self._files[0])
 
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def info(self, name: str) -> TensorMeta:
-        return self._infos[name]
-
     def assemble(self, name: str) -> torch.Tensor:
         info = self._infos[name]
         if self._read_since_map >= self._remap_bytes:
