@@ -93,6 +93,7 @@ class Intake:
         self._unstable: dict[Path, tuple[Signature, float]] = {}  # marker-less: first sighting
         self._failed: dict[Path, tuple[Signature, int]] = {}  # bad input, until its files change
         self._rejected: set[int] = set()  # steps above the newest ingested one: errors, --every
+        self._finished: set[int] = set()  # ingested by the worker, maybe not yet in a scan's list
         self._warned_unsupported: set[Path] = set()
 
     # -- the observer's side --------------------------------------------------------------------
@@ -115,9 +116,11 @@ class Intake:
         result = scan_run(self.run_dir)
         now = time.monotonic()
         news = ScanNews()
-        done = set(ingested)
-        newest = ingested[-1] if ingested else -1
         with self._lock:
+            # ``ingested`` was read before the scan: the worker may have finished more since
+            self._finished = {s for s in self._finished if not ingested or s > ingested[-1]}
+            done = set(ingested) | self._finished
+            newest = max(done, default=-1)
             refs = {r.step: r for r in (*result.complete, *result.pending)}
             self._present = set(refs)
             self._rejected = {s for s in self._rejected if s > newest}
@@ -160,7 +163,7 @@ class Intake:
                 if ref.layout in MARKERLESS and not force_stable and not self._stable(ref, sig, now):
                     self._pending_since.setdefault(ref.step, now)  # later steps wait behind it
                     continue
-                before = max((s for s in (*self._ready, *ingested[-1:]) if s < ref.step), default=None)
+                before = max((s for s in (*self._ready, newest) if 0 <= s < ref.step), default=None)
                 if not self.config.takes(ref.step, before):
                     self._reject(ref.step)
                     news.thinned.append(ref)
@@ -236,12 +239,14 @@ class Intake:
         with self._lock:
             waiting.taken = False
 
-    def finish(self, waiting: Waiting, *, failed: bool = False) -> None:
-        """Done with it: ingested, or (``failed``) rejected until its files change."""
+    def finish(self, waiting: Waiting, *, ingested: bool = False, failed: bool = False) -> None:
+        """Done with it: ``ingested``, or (``failed``) rejected until its files change, or gone."""
         with self._lock:
             step = waiting.ref.step
             self._ready.pop(step, None)
             self._seen.pop(step, None)
+            if ingested:
+                self._finished.add(step)
             if failed:
                 self._failed[waiting.ref.path] = (waiting.signature, step)
                 self._reject(step)

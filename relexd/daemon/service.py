@@ -422,7 +422,9 @@ class WatchService:
             if outcome in (Outcome.RETRY, Outcome.STOP):
                 self.intake.put_back(waiting)
                 break
-            self.intake.finish(waiting, failed=outcome is Outcome.SKIPPED)
+            self.intake.finish(
+                waiting, ingested=outcome is Outcome.INGESTED, failed=outcome is Outcome.SKIPPED
+            )
             if outcome is Outcome.INGESTED:
                 count += 1
                 self._check_gaps()

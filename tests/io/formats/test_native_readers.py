@@ -259,3 +259,20 @@ def test_names_that_match_under_no_prefix_name_an_example_on_each_side(written: 
         engine.ingest(_source(written / "w2" / "qwen2", "verl", 1), 1)
     message = str(caught.value)
     assert "'lm_head.weight'" in message and "'0.bias'" in message
+
+
+@pytest.mark.slow
+def test_hsdp_replicate_shard_placements_read_the_first_replica_group(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "4", str(HERE / "hsdp_writer.py"), str(tmp_path)],
+        check=True, timeout=600, cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert "Replicate(), Shard(dim=0)" in done.stdout  # it really is HSDP
+    reference = load_file(str(tmp_path / "reference.safetensors"))
+    with open_weights(tmp_path / "actor") as reader:
+        assert sorted(reader.names()) == sorted(reference)
+        for name, tensor in reference.items():
+            assert torch.equal(reader.read(name), tensor), name
+            assert torch.equal(reader.read_range(name, 1, tensor.numel()), tensor.reshape(-1)[1:]), name
