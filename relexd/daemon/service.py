@@ -31,6 +31,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from enum import Enum
 from types import FrameType
 from typing import Any
@@ -176,9 +177,9 @@ class WatchService:
                 observed=len(self.engine.steps) if self.engine else 0,
                 listen=self.http.url if self.http else None,
             )
-            loops = [("relexd-scout", self._scout_main), ("relexd-worker", self._worker_main)]
-            for name, target in [("relexd-once", self._once_main)] if s.once else loops:
-                thread = threading.Thread(target=target, name=name, daemon=True)
+            loops = [("relexd-scout", self._scout_loop), ("relexd-worker", self._worker_loop)]
+            for name, loop in [("relexd-once", self._once_loop)] if s.once else loops:
+                thread = threading.Thread(target=self._guarded, args=(loop,), name=name, daemon=True)
                 thread.start()
                 self._threads.append(thread)
             watchdog = sdnotify.Watchdog(healthy=self.healthy)
@@ -200,9 +201,7 @@ class WatchService:
 
     def shutdown(self) -> None:
         """Stop in reverse order; safe to call twice. The worker abandons an uncommitted ingest."""
-        self.stop_event.set()
-        self._scan_wake.set()
-        self._work_wake.set()
+        self._request_stop()
         sdnotify.stopping()
         self.metrics.set_watcher_up(False)
         if self.watcher is not None and self.watcher.observer.is_alive():
@@ -230,9 +229,7 @@ class WatchService:
 
         def handler(signum: int, frame: FrameType | None) -> None:
             log.info("stop requested", signal=signal.Signals(signum).name)
-            self.stop_event.set()
-            self._scan_wake.set()
-            self._work_wake.set()
+            self._request_stop()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
@@ -268,57 +265,53 @@ class WatchService:
 
     # -- the threads -------------------------------------------------------------------------
 
-    def _guarded(self, loop: Any) -> None:
+    def _request_stop(self) -> None:
+        """Stop every loop: set the flag and wake both threads so they see it now."""
+        self.stop_event.set()
+        self._scan_wake.set()
+        self._work_wake.set()
+
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """A thread's body: any exception is a bug, not bad input — stop, and let systemd restart us."""
         try:
             loop()
-        except BaseException as exc:  # a bug, not bad input: let systemd restart us
+        except BaseException as exc:
             self._thread_error = exc
             log.exception("daemon thread crashed", thread=threading.current_thread().name)
-            self.stop_event.set()
-            self._scan_wake.set()
-            self._work_wake.set()
+            self._request_stop()
 
-    def _once_main(self) -> None:
-        def loop() -> None:
-            self.pass_once(force_stable=True)
-            self.stop_event.set()
+    def _once_loop(self) -> None:
+        self.pass_once(force_stable=True)
+        self.stop_event.set()
 
-        self._guarded(loop)
+    def _scout_loop(self) -> None:
+        last = 0.0
+        while not self.stop_event.is_set():
+            wait = self.settings.reconcile_interval
+            rescan = self.intake.needs_rescan_in() if self.intake else None
+            if rescan is not None:
+                wait = min(wait, max(rescan, 0.2))
+            if last:
+                self._scan_wake.wait(wait)
+            self._scan_wake.clear()
+            gap = SCAN_GAP_S - (time.monotonic() - last)
+            if gap > 0:
+                self.stop_event.wait(gap)
+            if self.stop_event.is_set():
+                break
+            last = time.monotonic()
+            self.scan_once()
 
-    def _scout_main(self) -> None:
-        def loop() -> None:
-            last = 0.0
-            while not self.stop_event.is_set():
-                wait = self.settings.reconcile_interval
-                rescan = self.intake.needs_rescan_in() if self.intake else None
-                if rescan is not None:
-                    wait = min(wait, max(rescan, 0.2))
-                if last:
-                    self._scan_wake.wait(wait)
-                self._scan_wake.clear()
-                gap = SCAN_GAP_S - (time.monotonic() - last)
-                if gap > 0:
-                    self.stop_event.wait(gap)
-                if self.stop_event.is_set():
-                    break
-                last = time.monotonic()
-                self.scan_once()
-
-        self._guarded(loop)
-
-    def _worker_main(self) -> None:
-        def loop() -> None:
-            while not self.stop_event.is_set():
-                wait = self.settings.reconcile_interval
-                if self._retry_at:
-                    wait = max(0.05, self._retry_at - time.monotonic())
-                self._work_wake.wait(wait)
-                self._work_wake.clear()
-                if self.stop_event.is_set():
-                    break
-                self.work_once()
-
-        self._guarded(loop)
+    def _worker_loop(self) -> None:
+        while not self.stop_event.is_set():
+            wait = self.settings.reconcile_interval
+            if self._retry_at:
+                wait = max(0.05, self._retry_at - time.monotonic())
+            self._work_wake.wait(wait)
+            self._work_wake.clear()
+            if self.stop_event.is_set():
+                break
+            self.work_once()
 
     # -- one round of each -------------------------------------------------------------------
 

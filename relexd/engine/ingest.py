@@ -398,10 +398,12 @@ def _next_meta(
 
     aux = dict(meta.get("aux", {}))
     # config and tokenizer: the checkpoint's own where it has them (verl: huggingface/), else the
-    # base's, so that a preview of a native checkpoint is a loadable HF model too
+    # base's — once: the base does not change — so that a preview of a native checkpoint is a
+    # loadable HF model too
     base_dir = base.path if base.path.is_dir() else None
     for fname in AUX_FILES:
-        for where in (ckpt.aux_dir, base_dir):
+        places = (ckpt.aux_dir,) if fname in aux else (ckpt.aux_dir, base_dir)
+        for where in places:
             path = where / fname if where is not None else None
             try:
                 if path is not None and path.is_file() and path.stat().st_size <= AUX_MAX_BYTES:
