@@ -103,10 +103,10 @@ def calibrate(p: Planted, target: float) -> float:
 
 def stream(estimator: str, width: int, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed the rows of ``m`` one at a time; returns (v, coefficients)."""
-    small, q = SmallState.empty(), torch.zeros(m.shape[1], width)
+    small, q = SmallState.empty(), torch.zeros(width, m.shape[1])
     for x in m.to(torch.float32):
         small, q = update_in_memory(estimator, small, q, x, width)
-    return q[:, 0].to(F64), small.coefficients
+    return q[0].to(F64), small.coefficients
 
 
 def preview(v: torch.Tensor, coefs: torch.Tensor, steps: torch.Tensor, tau: float) -> torch.Tensor:

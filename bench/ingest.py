@@ -1,51 +1,99 @@
-"""Ingest cost per checkpoint vs merely reading the same bytes; peak RSS; state size on disk.
+"""Ingest cost against the I/O floor, per worker count, with the engine before the worker pool
+side by side — all in one run.
 
-For each checkpoint of a synthetic run (bench/synthetic.py) the parent process
+For each checkpoint of a synthetic run (bench/synthetic.py) and each engine configuration (its own
+state directory; the states of today's engine are equal bit for bit whatever the thread count,
+tests/engine/test_workers.py):
 
-1. writes the checkpoint (not timed),
-2. notes how much of checkpoint + base + current sketch is in the page cache (``fincore``),
-3. reads those files once, sequentially, in 16 MiB blocks (the read floor),
-4. ingests the checkpoint in a fresh subprocess (``python -m bench.ingest child …``) which reports
-   the engine's seconds and its own peak RSS (VmHWM),
-5. records the state's bytes on disk and deletes the checkpoint.
+1. the **read floor**: a plain sequential read (16 MiB blocks, no parsing) of the checkpoint, the
+   base and this state's current sketch, right before the ingest;
+2. the **write floor**: writing and fsync'ing a file the size of the new sketch, right after (1);
+3. the ingest, in a fresh subprocess (its VmHWM is the peak RSS), ``Engine(…, threads=N)`` exactly
+   as ``relexd extrapolate``/``relexd watch`` build it.
 
-At the end one write floor is taken: writing and fsync'ing as many bytes as the new sketch holds.
-Run alone: ``python -m bench.ingest [--model 0.5b|1.5b] [--rank K] [--checkpoints N]``.
+floor = max(read floor, write floor) — issue 12's definition. Anchor checkpoints (the 2nd, 4th, 8th …
+ingested) also write two bf16 anchor vectors per tensor, which the floor does not count; they are
+marked and kept out of the steady-state means.
+
+The "before" engine is the commit :data:`BEFORE_REV` (the last one without the worker pool) checked
+out into a temporary git worktree and imported from there by the subprocess; it runs with one torch
+thread, its default. A configuration may run ``busy``: one CPU-bound process at nice 0 (a trainer
+keeping a core busy) while relexd runs at nice 10, as the systemd unit sets it.
+
+Run alone: ``python -m bench.ingest [--model 0.5b|1.5b] [--rank K] [--checkpoints N] [--threads 1 2]
+[--before] [--busy]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import MB, cached_fraction, markdown_table, plain_read, scratch_dir, vm_hwm_bytes
+from bench.common import MB, markdown_table, plain_read
+from bench.common import scratch_dir as scratch
 from bench.synthetic import QWEN25_05B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
-from relexd.engine.config import DEFAULT_RANK
+from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.math.confidence import is_anchor_count
 
 MODELS = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+REPO = Path(__file__).resolve().parents[1]
+#: the engine before issue 12 (one thread, row-major sketch, three passes, pread everywhere)
+BEFORE_REV = "95ab9ab"
+
+#: the subprocess: open the engine, ingest one checkpoint, report seconds and peak RSS. The same
+#: code runs today's engine and the "before" worktree's (PYTHONPATH chooses which).
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from relexd.engine import Engine, EngineConfig
+state, base, ckpt, step, estimator, rank, threads = sys.argv[1:8]
+config = EngineConfig(estimator=estimator, rank=int(rank))
+engine = Engine(Path(state), Path(base), config, threads=int(threads))
+try:
+    report = engine.ingest(Path(ckpt), int(step))
+finally:
+    engine.close()
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"ingest_s": report.seconds, "vm_hwm": hwm}))
+"""
+
 HEADERS = [
     "model",
     "rank",
+    "engine",
+    "threads",
     "ckpt #",
-    "step",
+    "anchor",
     "ingest s",
-    "plain read s",
-    "ingest / read",
-    "read GB",
-    "read MB/s",
-    "ingest MB/s",
-    "cached",
+    "read floor s",
+    "write floor s",
+    "ingest / floor",
     "peak RSS MB",
     "RSS / largest f32",
-    "state GB",
 ]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One engine configuration of the comparison."""
+
+    engine: str  # "now" or "before"
+    threads: int
+    busy: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.engine + (" (busy host)" if self.busy else "")
 
 
 def current_sketch(state: Path) -> Path | None:
@@ -56,26 +104,6 @@ def current_sketch(state: Path) -> Path | None:
         return None
     path = state / "generations" / gen / "sketch.safetensors"
     return path if path.exists() else None
-
-
-def child(state: Path, base: Path, ckpt: Path, step: int, estimator: str, rank: int) -> dict[str, Any]:
-    """Run in the subprocess: open the engine, ingest one checkpoint, report time and VmHWM."""
-    from relexd.engine import Engine, EngineConfig
-
-    t0 = time.perf_counter()
-    engine = Engine(state, base, EngineConfig(estimator=estimator, rank=rank))
-    opened = time.perf_counter() - t0
-    try:
-        report = engine.ingest(ckpt, step)
-    finally:
-        engine.close()
-    return {
-        "open_s": opened,
-        "ingest_s": report.seconds,
-        "bytes_read": report.bytes_read,
-        "energy": report.figures.get("rank1_energy_ratio"),
-        "vm_hwm": vm_hwm_bytes(),
-    }
 
 
 def write_floor(nbytes: int, directory: Path) -> float:
@@ -93,123 +121,201 @@ def write_floor(nbytes: int, directory: Path) -> float:
     return took
 
 
-def run(
-    shape: ModelShape, rank: int, checkpoints: int, estimator: str = "brand", keep_state: Path | None = None
+@contextlib.contextmanager
+def before_tree() -> Iterator[Path]:
+    """The engine of :data:`BEFORE_REV`, checked out into a temporary git worktree."""
+    with scratch("before") as tmp:
+        tree = tmp / "relexd"
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), BEFORE_REV],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+@contextlib.contextmanager
+def busy_core(on: bool) -> Iterator[None]:
+    """One CPU-bound process at normal priority while the block runs (a trainer on one core)."""
+    if not on:
+        yield
+        return
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def ingest_child(
+    config: Config, tree: Path | None, state: Path, base: Path, ckpt: Path, step: int, rank: int
 ) -> dict[str, Any]:
-    """Benchmark ``checkpoints`` ingests; returns rows for :data:`HEADERS` and a summary.
+    env = dict(os.environ, PYTHONPATH=str(tree if config.engine == "before" else REPO))
+    cmd = [sys.executable, "-c", CHILD, str(state), str(base), str(ckpt), str(step), "brand", str(rank)]
+    cmd.append(str(config.threads))
+    with busy_core(config.busy):
+        out = subprocess.run(
+            cmd,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            preexec_fn=(lambda: os.nice(10)) if config.busy else None,
+        ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
-    With ``keep_state`` the final state and base are moved there (for the preview benchmark).
+
+def run(
+    shape: ModelShape,
+    rank: int,
+    checkpoints: int,
+    configs: Sequence[Config],
+    keep_state: Path | None = None,
+) -> dict[str, Any]:
+    """Ingest ``checkpoints`` checkpoints with every configuration; rows for :data:`HEADERS`.
+
+    With ``keep_state`` the first "now" configuration's final state and the base are moved there
+    (for the preview benchmark).
     """
-    from relexd.state.store import disk_usage
-
     traj = Trajectory(shape)
-    rows: list[list[Any]] = []
+    sketch_bytes = shape.params * rank * 4
     largest_f32 = shape.largest * 4
-    with scratch_dir(f"ingest-{shape.name}-k{rank}") as tmp:
+    rows: list[list[Any]] = []
+    records: list[dict[str, Any]] = []
+    needs_before = any(c.engine == "before" for c in configs)
+    with (
+        scratch(f"ingest-{shape.name}-k{rank}") as tmp,
+        before_tree() if needs_before else contextlib.nullcontext() as tree,
+    ):
         base = traj.write_base(tmp / "base")
-        state = tmp / "state"
+        states = {c: tmp / f"state-{c.engine}-{c.threads}-{int(c.busy)}" for c in configs}
         for n, step in enumerate(steps_irregular(checkpoints), start=1):
             ckpt = traj.write_checkpoint(base, tmp / f"checkpoint-{step}", step)
-            sketch = current_sketch(state)
-            files = [ckpt / "model.safetensors", base / "model.safetensors", *([sketch] if sketch else [])]
-            cached = cached_fraction(files)
-            nbytes, read_s = plain_read(files)
-            cmd = [sys.executable, "-m", "bench.ingest", "child", str(state), str(base), str(ckpt)]
-            cmd += [str(step), estimator, str(rank)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rec = json.loads(out.strip().splitlines()[-1])
-            state_bytes = disk_usage(state)
-            rows.append(
-                [
-                    shape.name,
-                    rank,
-                    n,
-                    step,
-                    rec["ingest_s"],
-                    read_s,
-                    rec["ingest_s"] / read_s,
-                    nbytes / 1e9,
-                    nbytes / MB / read_s,
-                    nbytes / MB / rec["ingest_s"],
-                    f"{cached:.0%}" if cached is not None else "?",
-                    rec["vm_hwm"] / MB,
-                    rec["vm_hwm"] / largest_f32,
-                    state_bytes / 1e9,
+            anchor = is_anchor_count(n)
+            for config in configs:
+                state = states[config]
+                sketch = current_sketch(state)
+                files = [
+                    ckpt / "model.safetensors",
+                    base / "model.safetensors",
+                    *([sketch] if sketch else []),
                 ]
-            )
-            print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+                _, read_s = plain_read(files)
+                write_s = write_floor(sketch_bytes, tmp)
+                rec = ingest_child(config, tree, state, base, ckpt, step, rank)
+                floor = max(read_s, write_s)
+                record = {
+                    "config": config,
+                    "n": n,
+                    "anchor": anchor,
+                    "ingest_s": rec["ingest_s"],
+                    "floor_s": floor,
+                    "vm_hwm": rec["vm_hwm"],
+                }
+                records.append(record)
+                rows.append(
+                    [
+                        shape.name, rank, config.label, config.threads, n, "yes" if anchor else "",
+                        rec["ingest_s"], read_s, write_s, rec["ingest_s"] / floor,
+                        rec["vm_hwm"] / MB, rec["vm_hwm"] / largest_f32,
+                    ]
+                )  # fmt: skip
+                print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
             shutil.rmtree(ckpt)
-        sketch = current_sketch(state)
-        sketch_bytes = sketch.stat().st_size if sketch else 0
-        floor_s = write_floor(sketch_bytes, tmp)
         if keep_state is not None:
+            first_now = next(c for c in configs if c.engine == "now")
             keep_state.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(state), keep_state / "state")
+            shutil.move(str(states[first_now]), keep_state / "state")
             shutil.move(str(base), keep_state / "base")
-    steady = rows[1:] or rows  # the first ingest has no old sketch to read
-    return {
-        "rows": rows,
-        "model": shape.name,
-        "params": shape.params,
-        "rank": rank,
-        "largest_f32_mb": largest_f32 / MB,
-        "sketch_bytes": sketch_bytes,
-        "write_floor_s": floor_s,
-        "mean_ratio_steady": sum(r[6] for r in steady) / len(steady),
-        "mean_ingest_s_steady": sum(r[4] for r in steady) / len(steady),
-        "state_gb_last": rows[-1][-1],
-        "bytes_per_param_state": rows[-1][-1] * 1e9 / shape.params,
-    }
+    return {"model": shape.name, "params": shape.params, "rank": rank, "rows": rows, "records": records,
+            "largest_f32": largest_f32}  # fmt: skip
+
+
+def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """Per configuration: steady-state (checkpoint ≥ 2, not an anchor) means and ratios."""
+    steady = [r for r in result["records"] if r["n"] >= 2 and not r["anchor"]]
+    by_config: dict[Config, list[dict[str, Any]]] = {}
+    for r in steady:
+        by_config.setdefault(r["config"], []).append(r)
+    mean = {c: sum(r["ingest_s"] for r in rs) / len(rs) for c, rs in by_config.items()}
+    out = []
+    for config, rs in by_config.items():
+        floor = sum(r["floor_s"] for r in rs) / len(rs)
+
+        def mean_of(engine: str, threads: int | None = None, cfg: Config = config) -> float | None:
+            return next(
+                (
+                    m
+                    for c, m in mean.items()
+                    if c.engine == engine and c.busy == cfg.busy and threads in (None, c.threads)
+                ),
+                None,
+            )
+
+        before, one = mean_of("before"), mean_of(config.engine, 1)
+        peak = max(r["vm_hwm"] for r in result["records"] if r["config"] == config)
+        out.append(
+            [
+                result["model"], result["rank"], config.label, config.threads, len(rs), mean[config], floor,
+                mean[config] / floor, before / mean[config] if before else None,
+                one / mean[config] if one else None, peak / MB, peak / result["largest_f32"],
+            ]
+        )  # fmt: skip
+    return out
+
+
+SUMMARY = [
+    "model",
+    "rank",
+    "engine",
+    "threads",
+    "steady ckpts",
+    "mean ingest s",
+    "mean floor s",
+    "ingest / floor",
+    "speed-up vs before",
+    "speed-up vs 1 thread",
+    "max peak RSS MB",
+    "RSS / largest f32",
+]
 
 
 def report(results: list[dict[str, Any]]) -> str:
-    """Markdown: the per-checkpoint table and one summary line per configuration."""
+    """Markdown: the per-checkpoint table, then the steady-state summary per configuration."""
     rows = [r for res in results for r in res["rows"]]
-    summary = markdown_table(
-        [
-            "model",
-            "params",
-            "rank",
-            "mean ingest s (ckpt ≥ 2)",
-            "mean ingest / read",
-            "sketch write+fsync floor s",
-            "largest tensor f32 MB",
-            "max peak RSS MB",
-            "final state GB",
-            "state bytes / param",
-        ],
-        [
-            [
-                r["model"],
-                f"{r['params'] / 1e6:.0f} M",
-                r["rank"],
-                r["mean_ingest_s_steady"],
-                r["mean_ratio_steady"],
-                r["write_floor_s"],
-                r["largest_f32_mb"],
-                max(row[11] for row in r["rows"]),
-                r["state_gb_last"],
-                r["bytes_per_param_state"],
-            ]
-            for r in results
-        ],
+    summary = [r for res in results for r in summary_rows(res)]
+    return (
+        markdown_table(HEADERS, rows)
+        + "\n\nSteady state (checkpoints ≥ 2 that are not anchors):\n\n"
+        + markdown_table(SUMMARY, summary)
     )
-    return markdown_table(HEADERS, rows) + "\n\n" + summary
+
+
+def default_configs(threads: Sequence[int], before: bool, busy: bool) -> list[Config]:
+    configs = [Config("before", 1)] if before else []
+    configs += [Config("now", n) for n in threads]
+    if busy:
+        configs += [Config("now", n, busy=True) for n in threads]
+        configs += [Config("before", 1, busy=True)] if before else []
+    return configs
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "child":
-        state, base, ckpt, step, estimator, rank = argv[1:7]
-        rec = child(Path(state), Path(base), Path(ckpt), int(step), estimator, int(rank))
-        print(json.dumps(rec))
-        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="0.5b")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK)
-    p.add_argument("--checkpoints", type=int, default=4)
+    p.add_argument("--checkpoints", type=int, default=5)
+    p.add_argument("--threads", type=int, nargs="+", default=sorted({1, available_cores()}))
+    p.add_argument("--before", action="store_true", help=f"also the engine of {BEFORE_REV}")
+    p.add_argument("--busy", action="store_true", help="also with one core kept busy, relexd at nice 10")
     args = p.parse_args(argv)
-    print(report([run(MODELS[args.model], args.rank, args.checkpoints)]))
+    configs = default_configs(args.threads, args.before, args.busy)
+    print(report([run(MODELS[args.model], args.rank, args.checkpoints, configs)]))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench import ingest, preview_write
 from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
-from relexd.engine.config import DEFAULT_RANK
+from relexd.engine.config import DEFAULT_RANK, available_cores
 
 BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo")
 RESULTS = Path(__file__).parent / "results"
@@ -25,19 +25,37 @@ RESULTS = Path(__file__).parent / "results"
 def run_ingest_and_preview(
     quick: bool, do_ingest: bool, do_preview: bool, large: bool = False
 ) -> dict[str, str]:
-    """Ingest configurations; the first one's final state is reused by the preview benchmark."""
-    shape = QWEN25_05B.smaller(2, 16384) if quick else QWEN25_05B
-    full = [] if quick else [(QWEN25_05B, 1, 2), (QWEN25_15B, DEFAULT_RANK, 2)]
-    if not large:
-        full = [c for c in full if c[0] is not QWEN25_15B]
+    """Ingest configurations; the first one's final state is reused by the preview benchmark.
+
+    Full mode: 0.5B shapes at the default rank and at rank 1, each with the engine before the
+    worker pool and today's at 1 and all cores; then a busy host (one core kept busy, relexd at
+    nice 10); ``--large`` adds the 1.5B shapes.
+    """
+    cores = sorted({1, available_cores()})
     out: dict[str, str] = {}
     with scratch_dir("run-all") as tmp:
-        results = [ingest.run(shape, DEFAULT_RANK, 2 if not quick else 3, keep_state=tmp / "kept")]
+        if quick:
+            shape = QWEN25_05B.smaller(2, 16384)
+            plan = [(shape, DEFAULT_RANK, 3, ingest.default_configs(cores, before=False, busy=False))]
+        else:
+            shape = QWEN25_05B
+            plan = [
+                (QWEN25_05B, DEFAULT_RANK, 5, ingest.default_configs(cores, before=True, busy=False)),
+                (QWEN25_05B, 1, 5, ingest.default_configs(cores, before=True, busy=False)),
+                (QWEN25_05B, DEFAULT_RANK, 3, ingest.default_configs(cores, before=True, busy=True)[-3:]),
+            ]
+            if large:
+                plan += [
+                    (QWEN25_15B, DEFAULT_RANK, 3, ingest.default_configs(cores, before=True, busy=False)),
+                    (QWEN25_15B, 1, 3, ingest.default_configs(cores[-1:], before=False, busy=False)),
+                ]
+        first, *rest = plan
+        results = [ingest.run(*first, keep_state=tmp / "kept")]
         if do_preview:
             pv = preview_write.run(tmp / "kept" / "state", tmp / "kept" / "base", tmp)
             out["preview"] = f"model shape {shape.name}\n\n" + preview_write.report(pv)
         if do_ingest:
-            results += [ingest.run(s, k, n) for s, k, n in full]
+            results += [ingest.run(*args) for args in rest]
             out["ingest"] = ingest.report(results)
     return out
 
@@ -46,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and few steps (minutes)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
-    p.add_argument("--large", action="store_true", help="also ingest 1.5B-shaped checkpoints (+~25 min)")
+    p.add_argument("--large", action="store_true", help="also ingest 1.5B-shaped checkpoints (+~30 min)")
     args = p.parse_args()
     mode = "quick" if args.quick else "full"
     outdir = RESULTS / mode

@@ -18,6 +18,7 @@ from relexd import __version__
 from relexd.daemon.cli import register as register_daemon
 from relexd.demo.cli import register as register_demo
 from relexd.engine import DEFAULT_RANK, Engine, EngineConfig
+from relexd.engine.config import BUDGET_HELP, THREADS_HELP, available_cores, parse_size
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.layouts import CheckpointRef, scan_run
 from relexd.math.sketch import ESTIMATORS
@@ -88,12 +89,10 @@ def extrapolate(
     every: Annotated[
         int, typer.Option(min=1, help="Ingest only checkpoints at least N steps after the last ingested one.")
     ] = 1,
-    threads: Annotated[
-        int,
-        typer.Option(
-            min=1, help="torch threads (1 is fastest beside a busy trainer).", envvar="RELEXD_THREADS"
-        ),
-    ] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP, envvar="RELEXD_THREADS")] = None,
+    memory_budget: Annotated[
+        str | None, typer.Option(help=BUDGET_HELP, envvar="RELEXD_MEMORY_BUDGET", show_default=False)
+    ] = None,
 ) -> None:
     """Read a run's checkpoints in step order, update the streaming model once per checkpoint, and
     write a preview checkpoint for each target step."""
@@ -107,6 +106,7 @@ def extrapolate(
             anchor_dtype=anchor_dtype,
             every=every,
         )
+        budget = parse_size(memory_budget)
         refs = [r for r in scan_run(run_dir).complete if upto is None or r.step <= upto]
     except RelexdError as exc:
         raise fail(exc) from None
@@ -130,7 +130,9 @@ def extrapolate(
         state_dir = tmp
     failed = 0
     try:
-        with Engine(state_dir, base, config, threads=threads) as engine:
+        with Engine(
+            state_dir, base, config, threads=threads or available_cores(), memory_budget=budget
+        ) as engine:
             failed = _ingest_all(engine, refs, skip_bad)
             if not engine.steps:
                 raise RelexdError("no checkpoint could be ingested; no preview written")

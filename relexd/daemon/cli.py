@@ -18,7 +18,7 @@ import typer
 
 from relexd.daemon.config import WatchSettings, default_state_dir, load_toml, parse_list
 from relexd.daemon.logs import setup_logging
-from relexd.engine.config import DEFAULT_RANK, EngineConfig
+from relexd.engine.config import BUDGET_HELP, DEFAULT_RANK, THREADS_HELP, EngineConfig, parse_size
 from relexd.errors import ConfigError, RelexdError
 from relexd.telemetry import DEFAULT_LISTEN
 
@@ -171,12 +171,10 @@ def watch(
     once: Annotated[
         bool, typer.Option(help="Ingest what is complete, refresh previews, exit.", envvar=_env("once"))
     ] = False,
-    threads: Annotated[
-        int,
-        typer.Option(
-            min=1, help="torch threads (1 is fastest beside a busy trainer).", envvar=_env("threads")
-        ),
-    ] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP, envvar=_env("threads"))] = None,
+    memory_budget: Annotated[
+        str | None, typer.Option(help=BUDGET_HELP, envvar=_env("memory_budget"), show_default=False)
+    ] = None,
 ) -> None:
     """Follow a training run: ingest checkpoints as they complete and keep previews ahead of it."""
     setup_logging(log_format.value)
@@ -212,6 +210,7 @@ def watch(
             per_tensor_metrics=per_tensor_metrics,
             once=once,
             threads=threads,
+            memory_budget=parse_size(memory_budget),
         )
         metrics = RelexdMetrics(per_tensor=per_tensor_metrics)
         if stall_threshold is not None:

@@ -49,7 +49,11 @@ class WatchSettings:
     listen: str | None = None  # None: no HTTP endpoint
     per_tensor_metrics: bool = False
     once: bool = False  # ingest what is complete, refresh previews, exit
-    threads: int = 1  # torch intra-op threads: one is fastest on a host busy with training
+    #: ingest worker threads, each computing one tensor at a time on one core (None: every core
+    #: this process may use); the results do not depend on it
+    threads: int | None = None
+    #: bytes the tensors in flight may hold (None: bounded by the worker count only)
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.preview_every < 1:

@@ -46,6 +46,7 @@ from relexd.daemon.hook import PreviewHook
 from relexd.daemon.intake import Intake, ScanNews, Waiting
 from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
+from relexd.engine.config import available_cores
 from relexd.engine.engine import Engine
 from relexd.engine.ingest import IngestReport, Interrupted
 from relexd.engine.preview import preview_name
@@ -108,7 +109,13 @@ class WatchService:
     def open(self) -> None:
         """Open the state (StateError propagates: changed base, unknown format, locked)."""
         s = self.settings
-        self.engine = Engine(s.state_dir, s.base, s.engine, threads=s.threads)
+        self.engine = Engine(
+            s.state_dir,
+            s.base,
+            s.engine,
+            threads=s.threads or available_cores(),
+            memory_budget=s.memory_budget,
+        )
         steps = self.engine.steps
         self.metrics.restore_progress(
             step=steps[-1] if steps else None,

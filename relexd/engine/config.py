@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,3 +75,36 @@ class EngineConfig:
     def structural(self) -> tuple[str, int]:
         """What cannot change over a state's life (the stored arrays depend on it)."""
         return (self.estimator, self.width)
+
+
+#: the help of the two engine options that change speed and memory, never results (both CLIs)
+THREADS_HELP = "Ingest worker threads, one tensor each on one core (default: every core it may use)."
+BUDGET_HELP = "Memory the tensors in flight may hold, e.g. 8G (default: no cap beyond --threads)."
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a cgroup's cpuset or taskset):
+    the default number of ingest worker threads. Beside a trainer relexd runs at a lower CPU
+    priority, so it takes what the trainer leaves and yields the rest (bench/README.md measures
+    the trainer's step time with and without it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | None) -> int | None:
+    """``--memory-budget``: bytes from "8G", "512M", "1.5GiB", "4096"; None, "" or "none": no cap."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"not a size: {text!r} (use e.g. 8G, 512M or a number of bytes)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ConfigError(f"a memory budget must be positive, not {text!r}")
+    return size

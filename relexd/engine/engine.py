@@ -17,6 +17,7 @@ from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
 from relexd.engine.ingest import IngestReport, ingest
 from relexd.engine.memory import pin_mmap_threshold
+from relexd.engine.pool import TensorPool
 from relexd.engine.preview import write_preview
 from relexd.errors import StateError
 from relexd.io.names import match_names
@@ -28,16 +29,19 @@ class Engine(Closeable):
     """Owns one state directory (exclusively, by lock) and the base model θ₀."""
 
     def __init__(
-        self, state_dir: Path, base_path: Path, config: EngineConfig, *, threads: int | None = None
+        self,
+        state_dir: Path,
+        base_path: Path,
+        config: EngineConfig,
+        *,
+        threads: int = 1,
+        memory_budget: int | None = None,
     ) -> None:
-        """``threads``: torch intra-op threads for this process (None: leave torch's setting).
-
-        relexd runs beside a training job, on a busy host; a multi-threaded op there waits for all
-        its threads to be scheduled, and measured 10–100× slower than on one thread
-        (bench/README.md). The CLI therefore defaults to one thread.
-        """
+        """``threads``: worker threads, each computing one tensor at a time on one core
+        (:mod:`relexd.engine.pool`); ``memory_budget``: bytes the tensors in flight may hold.
+        Neither changes the results."""
         pin_mmap_threshold()
-        self.threads = threads
+        self.pool = TensorPool(threads, memory_budget)
         self._use_threads()
         self.state_dir = Path(state_dir)
         self.config = config
@@ -48,6 +52,7 @@ class Engine(Closeable):
             self._check_state_matches()
         except BaseException:
             self.store.close()
+            self.pool.close()
             raise
 
     def _check_state_matches(self) -> None:
@@ -74,13 +79,14 @@ class Engine(Closeable):
                 f"{self.config.width}; use a new --state-dir"
             )
 
-    def _use_threads(self) -> None:
-        """Apply ``threads`` in the calling thread. torch's setting reaches the BLAS/OpenMP layer
-        per OS thread: a thread that never set it computes with the default (every core) — other
-        speed, and float32 sums in another order (measured: a daemon worker thread and the main
-        thread gave results differing in the last bits). So every entry point sets it."""
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+    @staticmethod
+    def _use_threads() -> None:
+        """One torch thread in the calling thread too (previews, small sums). torch's setting
+        reaches the BLAS/OpenMP layer per OS thread: a thread that never set it computes with the
+        default (every core) — other speed, and float32 sums in another order (measured: a daemon
+        worker thread and the main thread gave results differing in the last bits). So every
+        entry point sets it."""
+        torch.set_num_threads(1)
 
     @property
     def steps(self) -> list[int]:
@@ -106,6 +112,7 @@ class Engine(Closeable):
                 ckpt,
                 step,
                 self.config,
+                pool=self.pool,
                 source=source,
                 should_stop=should_stop,
                 on_tensor=on_tensor,
@@ -127,5 +134,6 @@ class Engine(Closeable):
         }
 
     def close(self) -> None:
+        self.pool.close()
         self.base.close()
         self.store.close()

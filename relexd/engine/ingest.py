@@ -1,9 +1,12 @@
 """Ingest one checkpoint: stream its tensors through the estimators and commit a new generation.
 
-Memory: one tensor's delta x (float32) is held while its sketch is updated; the sketch, the base,
-the anchors and the checkpoint are read in row chunks of :data:`CHUNK_ELEMS` elements. Peak RSS is
-therefore about the largest tensor in float32 (plus its stored-dtype copy while it is read) plus a
-fixed overhead, whatever the model size.
+Tensors are independent: each is one task of a :class:`~relexd.engine.pool.TensorPool`, computed by
+one worker thread on one core, which writes its results into their fixed places in the new files.
+
+Memory: a task holds its tensor's delta x (float32) while its sketch is updated; the sketch, the
+base, the anchors and the checkpoint are read in chunks of :data:`CHUNK_ELEMS` elements. Peak RSS is
+therefore about the largest tensors in flight in float32 (one per worker, capped by the memory
+budget) plus a fixed overhead, whatever the model size.
 
 Nothing is visible until the commit: an error at any tensor (NaN, truncated file, rotation, disk
 full) aborts the new generation and leaves the published state exactly as it was.
@@ -11,7 +14,9 @@ full) aborts the new generation and leaves the published state exactly as it was
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,9 +27,10 @@ import torch
 
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
+from relexd.engine.pool import Cancelled, Cutoff, TensorPool
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.reader import WeightReader
-from relexd.io.safetensors_file import StreamingSafetensorsWriter, dtype_code
+from relexd.io.safetensors_file import PositionalSafetensorsWriter, dtype_code
 from relexd.math.confidence import (
     ForecastSums,
     TensorFigures,
@@ -125,24 +131,37 @@ def check_compatible(base: BaseModel, ckpt: WeightReader, meta: dict[str, Any]) 
             )
 
 
-def read_delta(base: BaseModel, ckpt: WeightReader, name: str) -> torch.Tensor:
+def read_delta(
+    base: BaseModel,
+    ckpt: WeightReader,
+    name: str,
+    stop: Callable[[], None],
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x = θ_s − θ₀ for one tensor, flattened float32, checked finite.
 
-    Read chunk by chunk into one float32 buffer, so a bf16 tensor never exists twice in memory.
+    Read chunk by chunk into one float32 buffer (``into`` when given), so a bf16 tensor never
+    exists twice in memory; the chunks of both files are read into one reused buffer.
     """
     info = ckpt.info(name)
-    x = torch.empty(info.numel, dtype=torch.float32)
+    base_info = base.reader.info(name)
+    x = into[: info.numel] if into is not None else torch.empty(info.numel, dtype=torch.float32)
+    chunk = min(info.numel, CHUNK_ELEMS)
+    buffer = torch.empty(chunk * max(info.dtype.itemsize, base_info.dtype.itemsize), dtype=torch.uint8)
     for i, j in spans(info.numel, CHUNK_ELEMS):
+        stop()
         part = x[i:j]
-        part.copy_(ckpt.read_range(name, i, j))
-        # a sum is NaN/Inf when any element is (30× cheaper than isfinite().all()); only then
-        # look closer, since a sum of huge finite values may overflow too
-        if not math.isfinite(float(part.sum())) and not torch.isfinite(part).all():
-            bad = int((~torch.isfinite(part)).nonzero()[0]) + i
-            raise CheckpointError(
-                info.file, "non_finite", f"tensor {name!r} holds NaN or Inf (first at element {bad})"
-            )
-        part -= base.reader.read_range(name, i, j).to(torch.float32)
+        part.copy_(ckpt.read_range(name, i, j, buffer))
+        part.sub_(base.reader.read_range(name, i, j, buffer))  # promotes on the fly: no float32 copy
+    # a sum is NaN/Inf when any element is (30× cheaper than isfinite().all()); only then look
+    # closer, since a sum of huge finite values may overflow too
+    if not math.isfinite(float(x.sum())) and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).nonzero()[0])
+        value = float(ckpt.read_range(name, bad, bad + 1)[0])
+        whose, file = ("checkpoint", info.file) if not math.isfinite(value) else ("base", base_info.file)
+        raise CheckpointError(
+            file, "non_finite", f"tensor {name!r} of the {whose} holds NaN or Inf (first at element {bad})"
+        )
     return x
 
 
@@ -159,6 +178,12 @@ def check_tie(base: BaseModel, ckpt: WeightReader, alias: str) -> None:
             )
 
 
+def task_bytes(numel: int, width: int) -> int:
+    """Memory one tensor task holds: its float32 delta, plus one chunk's buffers (the old and new
+    columns, the stored-dtype reads) — what :class:`~relexd.engine.pool.TensorPool` budgets."""
+    return 4 * numel + 4 * (2 * width + 4) * min(numel, CHUNK_ELEMS)
+
+
 def ingest(
     store: StateStore,
     snapshot: Snapshot,
@@ -167,11 +192,16 @@ def ingest(
     step: int,
     config: EngineConfig,
     *,
+    pool: TensorPool | None = None,
     source: Path | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> IngestReport:
-    """Fold checkpoint ``ckpt`` (at ``step``) into the state; returns the committed snapshot."""
+    """Fold checkpoint ``ckpt`` (at ``step``) into the state; returns the committed snapshot.
+
+    The tensors are computed by ``pool`` (one worker when None); the state written is the same
+    for any number of workers.
+    """
     started = time.monotonic()
     meta = snapshot.meta
     steps: list[int] = list(meta.get("steps", []))
@@ -186,23 +216,30 @@ def ingest(
         if alias in ckpt.names():
             check_tie(base, ckpt, alias)
 
+    own_pool = pool is None
+    pool = pool or TensorPool(1)
     txn = store.begin(snapshot)
-    work = CheckpointPass(snapshot, base, step, config)
+    work = CheckpointPass(snapshot, base, ckpt, step, config)
     try:
         work.open_writers(txn)
-        for name in base.tracked:
-            if should_stop():
-                raise Interrupted(f"stopped before tensor {name!r} of step {step}")
-            x = read_delta(base, ckpt, name)
-            work.bytes_read += ckpt.info(name).numel * ckpt.info(name).dtype.itemsize
-            work.update_tensor(name, x)
-            del x
+
+        def task(name: str, abort: Cutoff) -> TensorResult:
+            def stop() -> None:
+                if abort.is_set():
+                    raise Cancelled
+                if should_stop():
+                    raise Interrupted(f"stopped in tensor {name!r} of step {step}")
+
+            return work.run_tensor(name, stop)
+
+        def done(name: str, _result: TensorResult) -> None:
             if on_tensor is not None:
                 on_tensor(name, base.reader.info(name).numel)
-        figures = work.figures()
-        forecasts = work.forecasts()
+
+        costs = {n: task_bytes(base.reader.info(n).numel, config.width) for n in base.tracked}
+        work.combine(pool.run(costs, task, done))
         new_meta = _next_meta(
-            meta, store, base, ckpt, step, source, work.per_tensor, figures, forecasts,
+            meta, store, base, ckpt, step, source, work.per_tensor, work.figures(), work.forecasts(),
             work.next_anchors(), config, time.monotonic() - started, work.bytes_read,
         )  # fmt: skip
         committed = txn.commit(work.smalls, new_meta)
@@ -216,16 +253,39 @@ def ingest(
         raise
     finally:
         work.close()
-    return IngestReport(step, time.monotonic() - started, work.bytes_read, committed, figures, forecasts)
+        if own_pool:
+            pool.close()
+    seconds = time.monotonic() - started
+    return IngestReport(step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"])
+
+
+@dataclass
+class TensorResult:
+    """What one tensor task hands back; combined over tensors in tensor order."""
+
+    small: SmallState
+    record: dict[str, Any]  # the tensor's entry of meta["per_tensor"]
+    xsq: float
+    dots: dict[int, tuple[float, float]]  # anchor step → (x·v_a, x·x_a)
+    anchor: list[float] | None  # the new anchor's record of this tensor
+    bytes_read: int
 
 
 class CheckpointPass:
     """What the tensors of one checkpoint share while they stream through the estimator: the old
-    sketch, the new generation's writers, the anchors being scored, and the running results."""
+    sketch, the new generation's writers, the anchors being scored, and the combined results.
 
-    def __init__(self, snapshot: Snapshot, base: BaseModel, step: int, config: EngineConfig) -> None:
+    :meth:`run_tensor` is called from worker threads, one tensor each: it only reads shared
+    inputs and writes its own tensor's places in the new files; :meth:`combine` then folds the
+    results in together, in tensor order.
+    """
+
+    def __init__(
+        self, snapshot: Snapshot, base: BaseModel, ckpt: WeightReader, step: int, config: EngineConfig
+    ) -> None:
         self.snapshot = snapshot
         self.base = base
+        self.ckpt = ckpt
         self.step = step
         self.config = config
         steps = [*snapshot.meta.get("steps", []), step]
@@ -236,12 +296,15 @@ class CheckpointPass:
         #: horizon → the anchor step scored against this checkpoint (None: no anchor far enough back)
         self.used = {h: choose_anchor(anchor_steps, step, h) for h in config.horizons}
         self.anchor_files = {a: snapshot.anchor(a) for a in set(self.used.values()) if a is not None}
-        self.sums = {h: ForecastSums() for h, a in self.used.items() if a is not None}
         self.make_anchor = is_anchor_count(self.observed)
         self.old_sketch = snapshot.sketch()
-        self.sketch: StreamingSafetensorsWriter | None = None
-        self.anchor_v: StreamingSafetensorsWriter | None = None
-        self.anchor_x: StreamingSafetensorsWriter | None = None
+        # checkpoints whose reader caches assembled tensors are read by one task at a time
+        self._read_lock = contextlib.nullcontext() if ckpt.concurrent_reads else threading.Lock()
+        self._worker = threading.local()  # per worker thread: its delta buffer
+        self.sketch: PositionalSafetensorsWriter | None = None
+        self.anchor_v: PositionalSafetensorsWriter | None = None
+        self.anchor_x: PositionalSafetensorsWriter | None = None
+        self.sums = {h: ForecastSums() for h, a in self.used.items() if a is not None}
         self.smalls: dict[str, SmallState] = {}
         self.per_tensor: dict[str, dict[str, Any]] = {}
         self.new_anchor_tensors: dict[str, list[float]] = {}
@@ -250,7 +313,7 @@ class CheckpointPass:
     def open_writers(self, txn: Transaction) -> None:
         numels = {n: self.base.reader.info(n).numel for n in self.base.tracked}
         width = self.config.width
-        self.sketch = txn.sketch_writer({n: (torch.float32, (k, width)) for n, k in numels.items()})
+        self.sketch = txn.sketch_writer({n: (torch.float32, (width, k)) for n, k in numels.items()})
         if self.make_anchor:
             adt = self.config.anchor_torch_dtype
             self.anchor_v = txn.anchor_writer(
@@ -266,57 +329,83 @@ class CheckpointPass:
         for f in self.anchor_files.values():
             f.close()
 
-    def _old_rows(self, name: str, i: int, j: int) -> torch.Tensor:
-        width = self.config.width
-        if self.old_sketch is None:
-            return torch.zeros(j - i, width)
-        self.bytes_read += (j - i) * width * 4
-        return self.old_sketch.read_range(name, i * width, j * width).reshape(j - i, width)
+    def _old_columns(self, name: str, i: int, j: int) -> torch.Tensor:
+        if self.old_sketch is None:  # nothing yet: a zero basis, as a view of one zero
+            return torch.zeros(1).expand(self.config.width, j - i)
+        return self.old_sketch.columns(name, i, j)
 
-    def update_tensor(self, name: str, x: torch.Tensor) -> None:
-        """The three streaming passes of one tensor (see :mod:`relexd.math.sketch`), plus the
-        anchor dot products of the forecast and the new anchor's vectors."""
+    def _delta_buffer(self, numel: int) -> torch.Tensor:
+        """This worker's float32 buffer for a delta of ``numel`` elements. Reused from the previous
+        tensor while at most twice the size needed — a fresh one page-faults on every first touch
+        (~2 ns per element measured) — so a task never holds more than twice what it budgets."""
+        buffer: torch.Tensor | None = getattr(self._worker, "x", None)
+        if buffer is None or not numel <= buffer.numel() <= 2 * numel:
+            self._worker.x = buffer = None  # free before allocating
+            self._worker.x = buffer = torch.empty(numel, dtype=torch.float32)
+        return buffer
+
+    def run_tensor(self, name: str, stop: Callable[[], None]) -> TensorResult:
+        """Update one tensor's sketch (see :mod:`relexd.math.sketch`): pass 1 for the products and
+        the anchors' dot products, an exact residual pass only if the products cancel, then the new
+        columns (and the new anchor's vectors) written into their places."""
         config = self.config
         width = config.width
+        stored = self.ckpt.info(name)
+        with self._read_lock:
+            x = read_delta(self.base, self.ckpt, name, stop, self._delta_buffer(stored.numel))
         numel = x.numel()
-        rows = max(1, CHUNK_ELEMS // width)
-        self.bytes_read += numel * self.base.reader.info(name).dtype.itemsize
+        chunks = list(spans(numel, CHUNK_ELEMS))
+        sketch_bytes = width * numel * 4 if self.old_sketch is not None else 0  # one pass over it
+        bytes_read = numel * (stored.dtype.itemsize + self.base.reader.info(name).dtype.itemsize)
+        bytes_read += sketch_bytes
 
         upd = make_update(config.estimator, self.snapshot.small(name), width, config.oja_eta)
+        # chunk buffers reused for the whole tensor (fresh ones page-fault on every first touch)
+        scratch = torch.empty(min(numel, CHUNK_ELEMS), dtype=torch.float32)
+        out = torch.empty(width, min(numel, CHUNK_ELEMS), dtype=torch.float32)
+
+        def as_f32(v: torch.Tensor) -> torch.Tensor:
+            return scratch[: v.numel()].copy_(v)
+
         dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a
-        for i, j in spans(numel, rows):
-            upd.accumulate(self._old_rows(name, i, j), x[i:j])
+        for i, j in chunks:
+            stop()
+            upd.accumulate(self._old_columns(name, i, j), x[i:j])
             for a, f in self.anchor_files.items():
-                dots[a][0] += float(torch.dot(x[i:j], f.read_range(f"v/{name}", i, j).to(torch.float32)))
-                dots[a][1] += float(torch.dot(x[i:j], f.read_range(f"x/{name}", i, j).to(torch.float32)))
-        if upd.needs_residual_pass:
-            for i, j in spans(numel, rows):
-                upd.accumulate_residual(self._old_rows(name, i, j), x[i:j])
+                dots[a][0] += float(torch.dot(x[i:j], as_f32(f.read_range(f"v/{name}", i, j))))
+                dots[a][1] += float(torch.dot(x[i:j], as_f32(f.read_range(f"x/{name}", i, j))))
+        if upd.exact_residual_needed():
+            bytes_read += sketch_bytes
+            for i, j in chunks:
+                stop()
+                upd.accumulate_residual(self._old_columns(name, i, j), x[i:j])
         new_small = upd.plan()
         fit = fit_line(self.step_tensor, new_small.coefficients, config.window)
-        self._score_forecasts(name, upd.xsq, dots)
 
         assert self.sketch is not None, "open_writers() first"
         a_vsq = a_xsq = 0.0
         adt = config.anchor_torch_dtype
-        for i, j in spans(numel, rows):
-            q_new = upd.new_rows(self._old_rows(name, i, j), x[i:j])
-            self.sketch.append(name, q_new)
+        bytes_read += sketch_bytes
+        for i, j in chunks:
+            stop()
+            q_new = upd.new_columns(self._old_columns(name, i, j), x[i:j], out)
+            for c in range(width):
+                self.sketch.write(name, c * numel + i, q_new[c])
             if self.anchor_v is not None and self.anchor_x is not None:
-                va, xa = q_new[:, 0].to(adt), x[i:j].to(adt)
-                self.anchor_v.append(f"v/{name}", va)
-                self.anchor_x.append(f"x/{name}", xa)
+                va, xa = q_new[0].to(adt), x[i:j].to(adt)
+                self.anchor_v.write(f"v/{name}", i, va)
+                self.anchor_x.write(f"x/{name}", i, xa)
                 # norms of the values as stored, so the forecast uses exactly the anchor's vectors
-                va32, xa32 = va.to(torch.float32), xa.to(torch.float32)
+                va32 = as_f32(va)
                 a_vsq += float(torch.dot(va32, va32))
+                xa32 = as_f32(xa)
                 a_xsq += float(torch.dot(xa32, xa32))
 
         drift = None
         vv_old, vv_new, v_cross = upd.direction_change()
         if vv_old > 0.0 and vv_new > 0.0:
             drift = max(0.0, 1.0 - abs(v_cross) / math.sqrt(vv_old * vv_new))
-        self.smalls[name] = new_small
-        self.per_tensor[name] = {
+        record = {
             "rank": new_small.rank,
             "energy": new_small.energy,
             "sigma1_sq": new_small.sigma1_sq,
@@ -326,10 +415,24 @@ class CheckpointPass:
             "drift": drift,
             "last_coef": float(new_small.coefficients[-1]) if new_small.rank else 0.0,
         }
-        if self.anchor_v is not None:
-            self.new_anchor_tensors[name] = [fit.alpha, fit.beta, a_vsq, a_xsq]
+        anchor = [fit.alpha, fit.beta, a_vsq, a_xsq] if self.anchor_v is not None else None
+        return TensorResult(
+            new_small, record, upd.xsq, {a: (d[0], d[1]) for a, d in dots.items()}, anchor, bytes_read
+        )
 
-    def _score_forecasts(self, name: str, xsq: float, dots: dict[int, list[float]]) -> None:
+    def combine(self, results: dict[str, TensorResult]) -> None:
+        """Fold the tensors' results in, in tensor order (float sums then do not depend on which
+        worker finished first)."""
+        for name in self.base.tracked:
+            r = results[name]
+            self.smalls[name] = r.small
+            self.per_tensor[name] = r.record
+            self.bytes_read += r.bytes_read
+            if r.anchor is not None:
+                self.new_anchor_tensors[name] = r.anchor
+            self._score_forecasts(name, r.xsq, r.dots)
+
+    def _score_forecasts(self, name: str, xsq: float, dots: dict[int, tuple[float, float]]) -> None:
         for h, a in self.used.items():
             if a is None:
                 continue

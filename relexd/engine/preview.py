@@ -23,11 +23,10 @@ import torch
 
 from relexd import __version__
 from relexd.engine.base import BaseModel
-from relexd.engine.config import EngineConfig
 from relexd.engine.ingest import CHUNK_ELEMS, spans
 from relexd.io.atomic import publish_dir, remove_tree
-from relexd.io.safetensors_file import DTYPES, SafetensorsFile, StreamingSafetensorsWriter
-from relexd.state.store import Snapshot
+from relexd.io.safetensors_file import DTYPES, StreamingSafetensorsWriter
+from relexd.state.store import SketchFile, Snapshot
 
 MANIFEST = "relexd-preview.json"
 
@@ -65,7 +64,6 @@ def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Pat
     staging.mkdir()
     sketch = snapshot.sketch()
     try:
-        width = EngineConfig.from_dict(meta["config"]).width
         files = meta["layout"]["files"]
         weight_map: dict[str, str] = {}
         total = 0
@@ -77,7 +75,7 @@ def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Pat
             with StreamingSafetensorsWriter(staging / out_name, specs, {"format": "pt"}) as writer:
                 for name in names:
                     dtype, _shape = specs[name]
-                    _write_tensor(writer, name, dtype, snapshot, sketch, base, target, width)
+                    _write_tensor(writer, name, dtype, snapshot, sketch, base, target)
                     weight_map[name] = out_name
                     total += _nbytes(specs[name])
         # a single model.safetensors or adapter needs no index; shard files (even one) do
@@ -107,23 +105,21 @@ def _write_tensor(
     name: str,
     dtype: torch.dtype,
     snapshot: Snapshot,
-    sketch: SafetensorsFile | None,
+    sketch: SketchFile | None,
     base: BaseModel,
     target: int,
-    width: int,
 ) -> None:
     source = base.aliases.get(name, name)  # tied tensors: predicted once, written identically
     numel = base.reader.info(source).numel
     tracked = source in snapshot.meta["per_tensor"]
     coef = predicted_coefficient(snapshot, source, target) if tracked else 0.0
-    rows = max(1, CHUNK_ELEMS // width)
-    for i, j in spans(numel, rows):
+    for i, j in spans(numel, CHUNK_ELEMS):
         theta0 = base.reader.read_range(source, i, j)
         if coef == 0.0 or sketch is None:
             # frozen or non-float tensors: θ₀ exactly, converted only if the checkpoint's dtype differs
             writer.append(name, theta0.to(dtype))
             continue
-        v = sketch.read_range(source, i * width, j * width).reshape(j - i, width)[:, 0]
+        v = sketch.columns(source, i, j)[0]
         pred = torch.add(theta0.to(torch.float32), v, alpha=coef)
         writer.append(name, pred.to(dtype))
 

@@ -99,6 +99,9 @@ class TensorFile(Protocol):
     caller owns; nothing is held between reads beyond what the format needs to find its bytes."""
 
     path: Path
+    #: whether reads may run from several threads at once (positional reads, no shared cursor or
+    #: cache); files without the attribute are read by one thread at a time
+    thread_safe: bool
 
     def names(self) -> list[str]: ...
     def info(self, name: str) -> Any: ...  # has .dtype and .shape (and, optionally, .file)
@@ -112,6 +115,7 @@ class TensorDict:
 
     path: Path
     tensors: dict[str, torch.Tensor]
+    thread_safe = True  # copies out of loaded tensors
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -219,6 +223,11 @@ class WeightReader(Closeable):
             names=stored_to_new,
         )
 
+    @property
+    def concurrent_reads(self) -> bool:
+        """Whether tensors may be read from several threads at once (else: one at a time)."""
+        return all(getattr(f, "thread_safe", False) for f in self._files.values())
+
     def names(self) -> list[str]:
         return list(self._infos)
 
@@ -233,12 +242,18 @@ class WeightReader(Closeable):
         self.info(name)
         return self._file_of[name].read(self._stored[name])
 
-    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor, 1-D, in the stored dtype."""
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, 1-D, in the stored dtype.
+
+        ``out``: a byte buffer to read into where the file supports it (safetensors); the result
+        may then be a view of it, valid until the buffer is reused."""
         numel = self.info(name).numel
         if not 0 <= start <= stop <= numel:
             raise ValueError(f"range [{start}, {stop}) is outside {name!r} of {numel} elements")
-        return self._file_of[name].read_range(self._stored[name], start, stop)
+        file = self._file_of[name]
+        if out is not None and isinstance(file, SafetensorsFile):
+            return file.read_range(self._stored[name], start, stop, out)
+        return file.read_range(self._stored[name], start, stop)
 
     def shard_files(self) -> dict[str, list[str]]:
         """Weights file name (relative to the directory) -> its tensor names, so that a writer

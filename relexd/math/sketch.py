@@ -3,19 +3,25 @@
 A tensor's deltas x_s = θ_s − θ₀ arrive one checkpoint at a time. The estimators here keep a small
 state per tensor and never need an old delta again (DESIGN.md §2).
 
-Both estimators work in three phases so that the big per-tensor arrays (the basis Q, d × k) never
-have to be in memory at once: the caller streams row chunks of the old state and of x through
+The big per-tensor array is the basis Q (d × k), stored **column-major**, i.e. as Qᵀ: ``width``
+rows of d elements, row c being basis vector c. Every chunk-level product then runs on contiguous
+vectors (measured 5–10× faster than the same products on a d × k row-major array, whose k = 1–2
+columns are strided; bench/README.md "Where the time goes"). Q never has to be in memory at once:
+the caller streams column chunks of the old state and of x through
 
-1. :meth:`TensorUpdate.accumulate` — dot products Qᵀx, QᵀQ and ‖x‖² (and, for Brand, a second pass
-   :meth:`TensorUpdate.accumulate_residual` for ‖x − Q·p‖²),
+1. :meth:`TensorUpdate.accumulate` — dot products Qᵀx, QᵀQ and ‖x‖²; Brand's residual norm
+   ‖x − Q·c‖² follows from them (‖x‖² − cᵀQᵀx with c = G⁻¹Qᵀx), and only when that difference
+   cancels too much to trust (:data:`CANCELLATION_RTOL`) does :meth:`TensorUpdate.exact_residual_needed`
+   ask for a second pass, :meth:`TensorUpdate.accumulate_residual`,
 2. :meth:`TensorUpdate.plan` — the small (T+1) × (k+1) SVD that decides the rotation,
-3. :meth:`TensorUpdate.new_rows` — the new state's rows, chunk by chunk.
+3. :meth:`TensorUpdate.new_columns` — the new state's chunk, width × n.
 
 Precision: the big arrays stay float32 and every chunk-level product runs in float32 BLAS (its
 blocked summation keeps the relative error near 1e-7); the per-chunk results are accumulated in
 float64 and all small matrices are float64. Converting whole chunks to float64 instead was measured
 to cost most of the ingest time for no accuracy the tests can see (batch SVD agreement stays
-below 1e-6).
+below 1e-6). Each chunk's products depend only on that chunk, and their sums run in chunk order,
+so the result does not depend on who computes which tensor.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ OJA_DEFAULT_ETA = 4.0
 #: Skip the new column of Brand's update when the residual is this small relative to ‖x‖: float32
 #: storage cannot represent a direction below that level, only its rounding noise.
 RESIDUAL_RTOL = 1e-6
+
+#: Trust ‖x − Q·c‖² = ‖x‖² − cᵀQᵀx from the pass-1 products only while it is at least this share of
+#: ‖x‖². Each float32 chunk product carries a relative error of ~1e-7–1e-6, so the difference carries
+#: an absolute error of up to ~1e-6·‖x‖²; at 1e-2 that is ≤ 1e-4 of the residual (≤ 0.005 % of ρ).
+#: Below it — a delta almost inside the span of the basis, as in nearly noise-free trajectories —
+#: an exact pass computes the residual itself (tests/math/test_sketch.py measures both).
+CANCELLATION_RTOL = 1e-2
 
 
 @dataclass
@@ -83,21 +96,30 @@ class TensorUpdate:
         self.width = width  # columns stored on disk (zero-padded beyond the live rank)
         self.xsq = 0.0
 
-    def accumulate(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> None:
+    def accumulate(self, q: torch.Tensor, x: torch.Tensor) -> None:
+        """Pass 1 over one chunk: ``q`` the old state's columns (width × n), ``x`` the delta (n)."""
         raise NotImplementedError
 
-    needs_residual_pass = False
+    def exact_residual_needed(self) -> bool:
+        """After pass 1: whether :meth:`accumulate_residual` must run over every chunk."""
+        return False
 
-    def accumulate_residual(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> None:
+    def accumulate_residual(self, q: torch.Tensor, x: torch.Tensor) -> None:
         raise NotImplementedError
 
     def plan(self) -> SmallState:
         """Decide the update from the accumulated dot products; returns the new small state."""
         raise NotImplementedError
 
-    def new_rows(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
-        """The new state's rows for these rows of the old state and of x (float32, width cols)."""
+    def new_columns(self, q: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The new state's chunk for this chunk of the old state and of x (float32, width × n),
+        into ``out`` when given (a buffer reused across chunks: fresh ones cost page faults)."""
         raise NotImplementedError
+
+    def _out(self, n: int, out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:
+            return torch.empty(self.width, n, dtype=torch.float32)
+        return out[:, :n] if out.shape[1] != n else out
 
     def direction_change(self) -> tuple[float, float, float]:
         """(‖v_old‖², ‖v_new‖², v_old·v_new) of the top direction, after :meth:`plan`.
@@ -117,24 +139,38 @@ class BrandUpdate(TensorUpdate):
     the sketch exact over thousands of updates.
     """
 
-    needs_residual_pass = True
-
     def __init__(self, small: SmallState, width: int) -> None:
         super().__init__(small, width)
         self.rank = small.rank
         self.qtx = torch.zeros(self.rank, dtype=F64)
         self.gram = torch.zeros(self.rank, self.rank, dtype=F64)
-        self.rsq = 0.0
+        self.rsq: float | None = None  # ‖x − Q·c‖², once known
+        self._exact_rsq = 0.0
         self._coef: torch.Tensor | None = None  # G⁻¹Qᵀx: x's coordinates in the old basis
-        self._rotation: torch.Tensor | None = None  # maps [Q, x] rows to new Q rows
+        self._rotation: torch.Tensor | None = None  # maps [Q; x] to the new Q
         self._use_residual = False
 
-    def accumulate(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> None:
-        self.xsq += float(torch.dot(x_rows, x_rows))
-        if self.rank:
-            q = q_rows[:, : self.rank]
-            self.qtx += (q.T @ x_rows).to(F64)
-            self.gram += (q.T @ q).to(F64)
+    def accumulate(self, q: torch.Tensor, x: torch.Tensor) -> None:
+        self.xsq += float(torch.dot(x, x))
+        k = self.rank
+        if k:
+            qk = q[:k]
+            self.qtx += (qk @ x).to(F64)
+            # one dot per pair, not qk @ qk.T: on 1M-element chunks float32 GEMM measured ~1e-5
+            # relative error against float64, the dot products ~1e-6 (as for Qᵀx and ‖x‖²)
+            for i in range(k):
+                for j in range(i + 1):
+                    self.gram[i, j] += float(torch.dot(qk[i], qk[j]))
+            for i in range(k):
+                for j in range(i):
+                    self.gram[j, i] = self.gram[i, j]
+
+    def exact_residual_needed(self) -> bool:
+        fast = self.xsq - float(self.qtx @ self._projection_coef()) if self.rank else self.xsq
+        if self.rank and fast < CANCELLATION_RTOL * self.xsq:
+            return True
+        self.rsq = fast
+        return False
 
     def _projection_coef(self) -> torch.Tensor:
         if self._coef is None:
@@ -144,14 +180,17 @@ class BrandUpdate(TensorUpdate):
                 self._coef = torch.zeros(0, dtype=F64)
         return self._coef
 
-    def accumulate_residual(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> None:
-        r = x_rows
+    def accumulate_residual(self, q: torch.Tensor, x: torch.Tensor) -> None:
+        r = x
         if self.rank:
             coef = self._projection_coef().to(torch.float32)
-            r = torch.addmv(x_rows, q_rows[:, : self.rank], coef, alpha=-1.0)
-        self.rsq += float(torch.dot(r, r))
+            r = torch.addmv(x, q[: self.rank].T, coef, alpha=-1.0)
+        self._exact_rsq += float(torch.dot(r, r))
+        self.rsq = self._exact_rsq
 
     def plan(self) -> SmallState:
+        if self.rsq is None and self.exact_residual_needed():
+            raise RuntimeError("the residual cancels: accumulate_residual() over every chunk first")
         small = self.small
         t = small.z.shape[0]
         k = self.rank
@@ -191,24 +230,23 @@ class BrandUpdate(TensorUpdate):
         self.small = SmallState(u * s, torch.cat([small.sqnorms, _f64([self.xsq])]), s)
         return self.small
 
-    def new_rows(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
-        # new Q rows = [Q L⁻ᵀ, r/ρ] W with r = x − Q·coef, rewritten as [Q, x] · rotation
+    def new_columns(self, q: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # new Q = [Q L⁻ᵀ, r/ρ] W with r = x − Q·coef, rewritten as rotationᵀ · [Q; x]
         assert self._rotation is not None, "plan() first"
         k = self.rank
         keep = self._rotation.shape[1]
-        rotation = self._rotation.to(torch.float32)
+        rotation_t = self._rotation.T.to(torch.float32)  # keep × (k+1)
+        out = self._out(x.shape[0], out)
+        out[keep:] = 0.0
+        acc = out[:keep]
         if k:
-            acc = q_rows[:, :k] @ rotation[:k]
+            torch.mm(rotation_t[:, :k], q[:k], out=acc)
             if self._use_residual:
-                acc.addr_(x_rows, rotation[k])
+                acc.addr_(rotation_t[:, k], x)
         elif self._use_residual:
-            acc = torch.outer(x_rows, rotation[k])
+            torch.outer(rotation_t[:, k], x, out=acc)
         else:
-            acc = torch.zeros(x_rows.shape[0], 0)
-        if keep == self.width:
-            return acc
-        out = torch.zeros(x_rows.shape[0], self.width, dtype=torch.float32)
-        out[:, :keep] = acc
+            acc.zero_()
         return out
 
     def direction_change(self) -> tuple[float, float, float]:
@@ -248,11 +286,11 @@ class OjaUpdate(TensorUpdate):
         self._a = 0.0
         self._scale = 0.0
 
-    def accumulate(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> None:
-        self.xsq += float(torch.dot(x_rows, x_rows))
+    def accumulate(self, q: torch.Tensor, x: torch.Tensor) -> None:
+        self.xsq += float(torch.dot(x, x))
         if self.has_v:
-            v = q_rows[:, 0]
-            self.xv += float(torch.dot(x_rows, v))
+            v = q[0]
+            self.xv += float(torch.dot(x, v))
             self.vv += float(torch.dot(v, v))
 
     def plan(self) -> SmallState:
@@ -288,13 +326,14 @@ class OjaUpdate(TensorUpdate):
         vv_new = c * c * (self.vv + 2 * a * self.xv + a * a * self.xsq)
         return self.vv, vv_new, c * (self.vv + a * self.xv)
 
-    def new_rows(self, q_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x_rows.shape[0], self.width, dtype=torch.float32)
+    def new_columns(self, q: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._out(x.shape[0], out)
+        out[1:] = 0.0
         if self.has_v:
-            torch.add(q_rows[:, 0], x_rows, alpha=self._a, out=out[:, 0])
+            torch.add(q[0], x, alpha=self._a, out=out[0])
         else:
-            out[:, 0] = x_rows * self._a
-        out[:, 0] *= self._scale
+            torch.mul(x, self._a, out=out[0])
+        out[0] *= self._scale
         return out
 
 
@@ -322,24 +361,25 @@ def update_in_memory(
     q: torch.Tensor,
     x: torch.Tensor,
     width: int,
-    chunk_rows: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[SmallState, torch.Tensor]:
-    """Run the three phases over arrays held in memory (tests, benchmarks, small tensors).
+    """Run the phases over arrays held in memory (tests, benchmarks, small tensors).
 
-    ``q`` is the old state (numel × width, float32), ``x`` the flattened delta. ``chunk_rows`` cuts the
-    passes into chunks exactly as the engine does, so chunking can be checked to change nothing.
+    ``q`` is the old state (width × numel, float32), ``x`` the flattened delta. ``chunk`` cuts the
+    passes into chunks of that many elements exactly as the engine does, so chunking can be checked
+    to change nothing.
     """
     n = x.numel()
-    step = chunk_rows or max(n, 1)
+    step = chunk or max(n, 1)
     spans = [(i, min(i + step, n)) for i in range(0, n, step)]
     upd = make_update(estimator, small, width)
     for i, j in spans:
-        upd.accumulate(q[i:j], x[i:j])
-    if upd.needs_residual_pass:
+        upd.accumulate(q[:, i:j], x[i:j])
+    if upd.exact_residual_needed():
         for i, j in spans:
-            upd.accumulate_residual(q[i:j], x[i:j])
+            upd.accumulate_residual(q[:, i:j], x[i:j])
     new_small = upd.plan()
-    new_q = torch.empty(n, width, dtype=torch.float32)
+    new_q = torch.empty(width, n, dtype=torch.float32)
     for i, j in spans:
-        new_q[i:j] = upd.new_rows(q[i:j], x[i:j])
+        new_q[:, i:j] = upd.new_columns(q[:, i:j], x[i:j])
     return new_small, new_q

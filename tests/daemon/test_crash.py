@@ -3,9 +3,11 @@ previews equal an uninterrupted run's (issue 3, requirement 3).
 
 Each daemon run is a child of a multiprocessing *forkserver* that has already imported torch and
 relexd, so a run costs milliseconds instead of an interpreter start. The child arms a tripwire on
-one function (a safetensors chunk append, an fsync, a rename, a preview tensor, a preview publish,
-the preview prune) and SIGKILLs itself at its k-th call: a real kill -9 (no cleanup, no atexit,
-lock released by the kernel) at a precisely chosen instant.
+one function (a state file's positional chunk write, an fsync, a rename, a preview chunk append, a
+preview tensor, a preview publish, the preview prune) and SIGKILLs itself at its k-th call: a real
+kill -9 (no cleanup, no atexit, lock released by the kernel) at a precisely chosen instant. With two
+ingest workers the kill lands in whichever worker thread makes that call, mid-way through the other's
+tensor.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +27,29 @@ from safetensors.torch import load_file
 
 from tests.daemon.trainer_sim import hf_save, make_base
 
-KINDS = ("append", "fsync", "replace", "rename", "preview_tensor", "preview_publish", "prune")
+KINDS = ("write", "fsync", "replace", "rename", "append", "preview_tensor", "preview_publish", "prune")
 
 
 def _arm(kind: str, k: int, counts: dict[str, int]) -> None:
     """Wrap the functions; count calls, and SIGKILL this process at call ``k`` of ``kind``."""
     import relexd.daemon.previews as previews_mod
     import relexd.engine.preview as preview_mod
-    from relexd.io.safetensors_file import StreamingSafetensorsWriter
+    from relexd.io.safetensors_file import PositionalSafetensorsWriter, StreamingSafetensorsWriter
+
+    lock = threading.Lock()  # worker threads call these concurrently
 
     def tripwire(name: str, fn: Any) -> Any:
         def wrapped(*a: Any, **kw: Any) -> Any:
-            counts[name] = counts.get(name, 0) + 1
-            if name == kind and counts[name] == k:
+            with lock:
+                counts[name] = counts.get(name, 0) + 1
+                hit = name == kind and counts[name] == k
+            if hit:
                 os.kill(os.getpid(), signal.SIGKILL)
             return fn(*a, **kw)
 
         return wrapped
 
+    PositionalSafetensorsWriter.write = tripwire("write", PositionalSafetensorsWriter.write)
     StreamingSafetensorsWriter.append = tripwire("append", StreamingSafetensorsWriter.append)
     os.fsync = tripwire("fsync", os.fsync)
     os.replace = tripwire("replace", os.replace)
@@ -51,7 +59,9 @@ def _arm(kind: str, k: int, counts: dict[str, int]) -> None:
     previews_mod.prune = tripwire("prune", previews_mod.prune)
 
 
-def daemon_child(root: str, run: str, state: str, kind: str, k: int, counts_file: str | None) -> None:
+def daemon_child(
+    root: str, run: str, state: str, kind: str, k: int, counts_file: str | None, threads: int = 1
+) -> None:
     """One daemon lifetime: catch up with the run directory (``once``), unless killed first."""
     torch.set_num_threads(1)
     from relexd.daemon.config import WatchSettings
@@ -66,6 +76,7 @@ def daemon_child(root: str, run: str, state: str, kind: str, k: int, counts_file
         preview_ahead=(2.0,),
         preview_at=(100,),
         once=True,
+        threads=threads,
     )
     service = WatchService(settings)
     service.open()
@@ -125,7 +136,10 @@ def ctx() -> Any:
     return ctx
 
 
-def test_kill_9_at_many_moments_ends_in_the_uninterrupted_state(tmp_path: Path, ctx: Any) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kill_9_at_many_moments_ends_in_the_uninterrupted_state(
+    tmp_path: Path, ctx: Any, threads: int
+) -> None:
     planted, _ = make_base(tmp_path, noise=0.002)
     run = tmp_path / "run"
     for step in (10, 20, 30, 40, 50, 60):
@@ -137,15 +151,21 @@ def test_kill_9_at_many_moments_ends_in_the_uninterrupted_state(tmp_path: Path, 
 
     reference = tmp_path / "ref-state"
     counts_file = tmp_path / "counts.json"
+    # the reference always runs on one worker: the state must not depend on the count
     assert _run(ctx, str(tmp_path), str(run), str(reference), "none", 0, str(counts_file)) == 0
     counts = json.loads(counts_file.read_text())
-    assert counts["append"] > 20 and counts["preview_tensor"] >= 5 and counts["preview_publish"] == 2
+    assert (
+        counts["write"] > 20
+        and counts["append"] > 5
+        and counts["preview_tensor"] >= 5
+        and counts["preview_publish"] == 2
+    )
 
     # kill points spread over the whole uninterrupted run, then kills during the resumed run
     plan: list[list[tuple[str, int]]] = []
     spreads = {kind: counts[kind] for kind in KINDS}
     for episode in range(10):
-        first_kind = KINDS[episode % 4]  # append, fsync, replace, rename
+        first_kind = KINDS[episode % 4]  # write, fsync, replace, rename
         first_k = 1 + (episode * 37) % max(1, spreads[first_kind] - 1)
         if episode % 3 == 2:
             # no kill before the run grows: previews of the older state exist and must be redone
@@ -164,12 +184,12 @@ def test_kill_9_at_many_moments_ends_in_the_uninterrupted_state(tmp_path: Path, 
         for i, (kind, k) in enumerate(kill_points):
             if i == 1:
                 grow(run_dir, (40, 50, 60))
-            code = _run(ctx, str(tmp_path), str(run_dir), str(state), kind, k, None)
+            code = _run(ctx, str(tmp_path), str(run_dir), str(state), kind, k, None, threads)
             assert code in (0, -signal.SIGKILL)
             if code == -signal.SIGKILL:
                 kills += 1
                 moments.add((kind, k, episode))
-        assert _run(ctx, str(tmp_path), str(run_dir), str(state), "none", 0, None) == 0
+        assert _run(ctx, str(tmp_path), str(run_dir), str(state), "none", 0, None, threads) == 0
         ref_meta, ref_arrays = _state_arrays(reference)
         meta, arrays = _state_arrays(state)
         assert meta["steps"] == ref_meta["steps"] == [10, 20, 30, 40, 50, 60]
@@ -186,7 +206,7 @@ def test_kill_9_at_many_moments_ends_in_the_uninterrupted_state(tmp_path: Path, 
     print(f"{kills} kills at", sorted(moments))
     assert kills >= 20, f"only {kills} kill points hit: {sorted(moments)}"
     assert {kind for kind, _, _ in moments} >= {
-        "append",
+        "write",
         "fsync",
         "replace",
         "preview_tensor",

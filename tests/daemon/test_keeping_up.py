@@ -97,8 +97,8 @@ def test_real_trl_grpo_every_step_with_rotation_is_followed_completely(tmp_path:
     assert all(torch.equal(live_preview[k], offline_preview[k]) for k in offline_preview)
 
 
-#: Big enough that one ingest (read, three passes over the sketch, write, fsync) takes several
-#: times as long as the writer's save.
+#: With a rank-8 sketch on one worker (below), one ingest (read, passes over 8 basis vectors, write
+#: and fsync 8× the checkpoint) takes several times as long as the writer's save.
 FAST_SHAPES = {f"layer{i}.weight": ((512, 512), torch.float32) for i in range(6)}
 
 
@@ -114,7 +114,10 @@ def test_writer_faster_than_relexd_misses_exactly_what_is_reported(tmp_path: Pat
     base = write_hf_checkpoint(tmp_path / "base", planted.base)
     run = tmp_path / "run"
     run.mkdir()
-    options = ["--poll", "--poll-interval", "3", "--reconcile-interval", "3"] if observer == "polling" else []
+    options = ["--sketch-rank", "8", "--threads", "1"]  # relexd slower than the writer, on purpose
+    options += (
+        ["--poll", "--poll-interval", "3", "--reconcile-interval", "3"] if observer == "polling" else []
+    )
     daemon = Daemon(tmp_path, run, base, *options)
     steps = 40
     try:

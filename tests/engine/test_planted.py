@@ -99,7 +99,7 @@ def engine_direction(state: Path, name: str) -> tuple[torch.Tensor, torch.Tensor
     snap = read_snapshot(state)
     sketch = snap.sketch()
     assert sketch is not None
-    v = sketch.read(name)[:, 0].double()
+    v = sketch.vectors(name)[0].double()
     sketch.close()
     return v, snap.small(name).coefficients
 

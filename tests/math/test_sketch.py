@@ -26,10 +26,10 @@ def batch_top(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return v, c, s
 
 
-def stream(x: torch.Tensor, estimator: str, width: int, chunk_rows: int | None = None):
-    small, q = SmallState.empty(), torch.zeros(x.shape[1], width)
+def stream(x: torch.Tensor, estimator: str, width: int, chunk: int | None = None):
+    small, q = SmallState.empty(), torch.zeros(width, x.shape[1])
     for row in x:
-        small, q = update_in_memory(estimator, small, q, row.to(torch.float32), width, chunk_rows)
+        small, q = update_in_memory(estimator, small, q, row.to(torch.float32), width, chunk)
     return small, q
 
 
@@ -40,8 +40,8 @@ STEPS = [1, 2, 3, 5, 8, 9, 12, 15, 20, 21, 25, 30]
 def test_brand_equals_batch_svd_while_nothing_is_truncated(noise: float) -> None:
     x = trajectory(3000, STEPS, noise)
     v_ref, c_ref, s_ref = batch_top(x.float().double())
-    small, q = stream(x, "brand", width=len(STEPS), chunk_rows=700)
-    v = q[:, 0].double()
+    small, q = stream(x, "brand", width=len(STEPS), chunk=700)
+    v = q[0].double()
     assert torch.allclose(v, v_ref, rtol=0, atol=1e-5 * v_ref.abs().max())
     assert (small.coefficients - c_ref).norm() / c_ref.norm() < 1e-5
     assert abs(small.sigma[0] - s_ref[0]) / s_ref[0] < 1e-5
@@ -57,7 +57,7 @@ def test_default_rank_tracks_batch_direction_at_high_energy() -> None:
         energy = float(s_ref[0] ** 2 / (s_ref**2).sum())
         assert energy >= 0.9
         small, q = stream(x, "brand", width=DEFAULT_RANK)
-        v = q[:, 0].double()
+        v = q[0].double()
         assert abs(float(v @ v_ref)) / float(v.norm()) >= 0.999, (noise, energy)
         assert (small.coefficients - c_ref).norm() / c_ref.norm() < 0.01
 
@@ -65,7 +65,7 @@ def test_default_rank_tracks_batch_direction_at_high_energy() -> None:
 def test_chunking_changes_nothing() -> None:
     x = trajectory(1000, STEPS, 0.05)
     a_small, a_q = stream(x, "brand", 3)
-    b_small, b_q = stream(x, "brand", 3, chunk_rows=97)
+    b_small, b_q = stream(x, "brand", 3, chunk=97)
     # only the float32 summation order differs
     assert torch.allclose(a_q, b_q, atol=1e-5)
     assert torch.allclose(a_small.z, b_small.z, rtol=0, atol=1e-5 * float(a_small.z.abs().max()))
@@ -74,7 +74,7 @@ def test_chunking_changes_nothing() -> None:
 def test_sketch_basis_stays_orthonormal_over_many_updates() -> None:
     x = trajectory(500, list(range(1, 201)), 0.05)
     _, q = stream(x, "brand", 4)
-    gram = q.double().T @ q.double()
+    gram = q.double() @ q.double().T
     assert torch.allclose(gram, torch.eye(4, dtype=torch.float64), atol=1e-5)
 
 
@@ -82,7 +82,7 @@ def test_oja_finds_a_clean_direction_and_lags_brand_under_noise() -> None:
     x = trajectory(3000, STEPS, 0.003)
     v_ref, _, _ = batch_top(x)
     _, q = stream(x, "oja", 1)
-    v = q[:, 0].double()
+    v = q[0].double()
     assert abs(float(v @ v_ref)) / float(v.norm()) > 0.999
     assert abs(float(v.norm()) - 1) < 1e-5  # Oja keeps a unit vector
 
@@ -108,11 +108,32 @@ def test_direction_change_equals_direct_products() -> None:
         small, q = stream(x[:-1], est, width)
         upd = make_update(est, small, width)
         upd.accumulate(q, x[-1].float())
-        if upd.needs_residual_pass:
+        if upd.exact_residual_needed():
             upd.accumulate_residual(q, x[-1].float())
         upd.plan()
-        v_old = q[:, 0].double()
-        v_new = upd.new_rows(q, x[-1].float())[:, 0].double()
+        v_old = q[0].double()
+        v_new = upd.new_columns(q, x[-1].float())[0].double()
         got = upd.direction_change()
         want = (float(v_old @ v_old), float(v_new @ v_new), float(v_old @ v_new))
         assert got == pytest.approx(want, rel=1e-5), est
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.01, 0.003, 0.0005, 0.0])
+def test_residual_from_products_agrees_with_the_exact_pass(noise: float) -> None:
+    """‖x − Q·c‖² from the pass-1 products where they do not cancel, the exact pass where they do;
+    either way within float32 rounding of the float64 truth."""
+    x = trajectory(20_000, STEPS, noise, seed=4)
+    small, q = stream(x[:-1], "brand", 3)
+    new = x[-1].float()
+    upd = make_update("brand", small, 3)
+    for i in range(0, new.numel(), 7000):
+        upd.accumulate(q[:, i : i + 7000], new[i : i + 7000])
+    exact_needed = upd.exact_residual_needed()
+    qd, xd = q[: small.rank].double(), new.double()  # the live basis (zero rows beyond it)
+    coef = torch.linalg.solve(qd @ qd.T, qd @ xd)
+    want = float(((xd - qd.T @ coef) ** 2).sum())
+    share = want / float(xd @ xd)
+    assert exact_needed == (share < 1e-2), share  # the cancellation guard triggers as designed
+    if exact_needed:
+        upd.accumulate_residual(q, new)
+    assert upd.rsq == pytest.approx(want, rel=1e-4, abs=1e-6 * float(xd @ xd)), share

@@ -21,6 +21,7 @@ class AssembledFile(ABC):
     """Tensors put together from pieces on demand; subclasses say where the pieces are."""
 
     path: Path
+    thread_safe = False  # one assembled tensor is cached at a time
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -1,0 +1,139 @@
+"""A pool of worker threads that computes one tensor per task, each task on one core.
+
+Why threads: the work per tensor is torch kernels and ``pread``/``pwrite``, which all release the
+GIL, so threads use every core without the copies a process pool would need. Why one torch thread
+per worker rather than one task with many torch threads: every tensor's kernels are small
+(a few MB per chunk), and a multi-threaded kernel waits for all of its threads to be scheduled —
+beside a trainer that keeps the cores busy that made it 10–100× slower (bench/README.md) — while
+independent single-threaded tasks each progress whenever they get a core.
+
+Tasks start largest first (longest-processing-time-first scheduling: the big embedding does not
+start last and run alone) and only while the tensors in flight fit the memory budget. Results are
+handed back by name: the caller combines them in its own fixed order, so nothing it computes
+depends on how many workers there were or which finished first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+import torch
+
+from relexd._closeable import Closeable
+
+R = TypeVar("R")
+
+
+class Cancelled(Exception):
+    """Raised by a task that saw the pool abort (another task failed); never reported itself."""
+
+
+class Cutoff:
+    """A task's ``abort``: set once a task before this one in order has failed (or the caller
+    stopped the run)."""
+
+    def __init__(self, run: _Run, index: int) -> None:
+        self._run, self._index = run, index
+
+    def is_set(self) -> bool:
+        return self._index > self._run.first_failure
+
+
+class _Run:
+    def __init__(self, count: int) -> None:
+        self.first_failure = count  # index of the earliest failed task so far (count: none)
+
+
+class TensorPool(Closeable):
+    """``workers`` threads; ``memory_budget`` bytes caps the summed cost of the tasks in flight
+    (a task that alone exceeds it still runs, alone)."""
+
+    def __init__(self, workers: int, memory_budget: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be ≥ 1, not {workers}")
+        self.workers = workers
+        self.memory_budget = memory_budget
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                self.workers,
+                thread_name_prefix="relexd-tensor",
+                # torch's thread count is per OS thread: set it in each worker
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            )
+        return self._executor
+
+    def run(
+        self,
+        costs: Mapping[str, int],
+        task: Callable[[str, Cutoff], R],
+        on_done: Callable[[str, R], None] | None = None,
+    ) -> dict[str, R]:
+        """Run ``task(name, abort)`` for every name of ``costs`` (name → bytes it holds while
+        running); returns name → result.
+
+        When a task raises, the tasks after it in ``costs`` order are not started, or see
+        ``abort.is_set()`` and stop early by raising :class:`Cancelled`; those before it still run,
+        so the error raised in the end is the one of the earliest failing name — the one a
+        sequential run would have met, whichever worker failed first. ``on_done`` runs in the
+        calling thread as each task completes.
+        """
+        index = {name: i for i, name in enumerate(costs)}
+        waiting = sorted(costs, key=lambda n: (-costs[n], index[n]))
+        state = _Run(len(index))
+        results: dict[str, R] = {}
+        errors: dict[str, BaseException] = {}
+        running: dict[Future[R], str] = {}
+        held = 0
+        try:
+            while waiting or running:
+                waiting = [n for n in waiting if index[n] < state.first_failure]
+                while waiting and len(running) < self.workers:
+                    name = self._next_fitting(waiting, costs, held, bool(running))
+                    if name is None:
+                        break
+                    waiting.remove(name)
+                    held += costs[name]
+                    running[self._pool().submit(task, name, Cutoff(state, index[name]))] = name
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = running.pop(future)
+                    held -= costs[name]
+                    exc = future.exception()
+                    if exc is None:
+                        results[name] = future.result()
+                        if on_done is not None:
+                            on_done(name, results[name])
+                    elif not isinstance(exc, Cancelled):
+                        errors[name] = exc
+                        state.first_failure = min(state.first_failure, index[name])
+        except BaseException:
+            state.first_failure = -1  # e.g. KeyboardInterrupt in the caller: stop every worker
+            wait(running)
+            raise
+        if errors:
+            raise errors[min(errors, key=index.__getitem__)]
+        return results
+
+    def _next_fitting(
+        self, waiting: list[str], costs: Mapping[str, int], held: int, busy: bool
+    ) -> str | None:
+        """The largest waiting task that fits the budget next to those running (any, when idle)."""
+        if self.memory_budget is None or not busy:
+            return waiting[0]
+        for name in waiting:
+            if held + costs[name] <= self.memory_budget:
+                return name
+        return None
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
