@@ -85,8 +85,8 @@ BUDGET_HELP = "Memory the tensors in flight may hold, e.g. 8G (default: no cap b
 def available_cores() -> int:
     """The CPUs this process may run on (its affinity mask, e.g. a cgroup's cpuset or taskset):
     the default number of ingest worker threads. Beside a trainer relexd runs at a lower CPU
-    priority, so it takes what the trainer leaves and yields the rest (bench/README.md measures
-    the trainer's step time with and without it)."""
+    priority, so it takes what the trainer leaves: measured, a second worker gave 1.5–1.6× on a
+    free 2-core host and cost nothing with one core busy (bench/README.md, issue 12)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux

@@ -137,32 +137,43 @@ def read_delta(
     name: str,
     stop: Callable[[], None],
     into: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x = θ_s − θ₀ for one tensor, flattened float32, checked finite.
+    """x = θ_s − θ₀ for one tensor, flattened float32 (``into`` when given).
 
-    Read chunk by chunk into one float32 buffer (``into`` when given), so a bf16 tensor never
-    exists twice in memory; the chunks of both files are read into one reused buffer.
+    Read chunk by chunk into one float32 buffer, so a bf16 tensor never exists twice in memory;
+    both files' chunks go through one reused byte buffer, the base's converted in ``scratch``
+    (float32, a chunk long; measured faster than subtracting bf16 from float32 directly).
+    Finiteness is checked by the caller on ‖x‖², which pass 1 computes anyway
+    (:func:`check_finite`).
     """
     info = ckpt.info(name)
     base_info = base.reader.info(name)
     x = into[: info.numel] if into is not None else torch.empty(info.numel, dtype=torch.float32)
     chunk = min(info.numel, CHUNK_ELEMS)
     buffer = torch.empty(chunk * max(info.dtype.itemsize, base_info.dtype.itemsize), dtype=torch.uint8)
+    if scratch is None:
+        scratch = torch.empty(chunk, dtype=torch.float32)
     for i, j in spans(info.numel, CHUNK_ELEMS):
         stop()
         part = x[i:j]
         part.copy_(ckpt.read_range(name, i, j, buffer))
-        part.sub_(base.reader.read_range(name, i, j, buffer))  # promotes on the fly: no float32 copy
-    # a sum is NaN/Inf when any element is (30× cheaper than isfinite().all()); only then look
-    # closer, since a sum of huge finite values may overflow too
-    if not math.isfinite(float(x.sum())) and not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).nonzero()[0])
-        value = float(ckpt.read_range(name, bad, bad + 1)[0])
-        whose, file = ("checkpoint", info.file) if not math.isfinite(value) else ("base", base_info.file)
-        raise CheckpointError(
-            file, "non_finite", f"tensor {name!r} of the {whose} holds NaN or Inf (first at element {bad})"
-        )
+        part.sub_(scratch[: j - i].copy_(base.reader.read_range(name, i, j, buffer)))
     return x
+
+
+def check_finite(base: BaseModel, ckpt: WeightReader, name: str, x: torch.Tensor, xsq: float) -> None:
+    """Refuse a delta holding NaN or Inf: ‖x‖² is then not finite (only then look closer, since a
+    sum of huge finite values may overflow too), naming the file that holds it."""
+    if math.isfinite(xsq) or torch.isfinite(x).all():
+        return
+    bad = int((~torch.isfinite(x)).nonzero()[0])
+    value = float(ckpt.read_range(name, bad, bad + 1)[0])
+    info, base_info = ckpt.info(name), base.reader.info(name)
+    whose, file = ("checkpoint", info.file) if not math.isfinite(value) else ("base", base_info.file)
+    raise CheckpointError(
+        file, "non_finite", f"tensor {name!r} of the {whose} holds NaN or Inf (first at element {bad})"
+    )
 
 
 def check_tie(base: BaseModel, ckpt: WeightReader, alias: str) -> None:
@@ -329,10 +340,10 @@ class CheckpointPass:
         for f in self.anchor_files.values():
             f.close()
 
-    def _old_columns(self, name: str, i: int, j: int) -> torch.Tensor:
+    def _old_columns(self, name: str, i: int, j: int, out: torch.Tensor) -> torch.Tensor:
         if self.old_sketch is None:  # nothing yet: a zero basis, as a view of one zero
             return torch.zeros(1).expand(self.config.width, j - i)
-        return self.old_sketch.columns(name, i, j)
+        return self.old_sketch.columns(name, i, j, out)
 
     def _delta_buffer(self, numel: int) -> torch.Tensor:
         """This worker's float32 buffer for a delta of ``numel`` elements. Reused from the previous
@@ -351,18 +362,21 @@ class CheckpointPass:
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
+        numel = stored.numel
+        # chunk buffers reused for the whole tensor (fresh ones page-fault on every first touch)
+        chunk = min(numel, CHUNK_ELEMS)
+        scratch = torch.empty(chunk, dtype=torch.float32)
+        old = torch.empty(width, chunk, dtype=torch.float32)  # the old sketch's columns
+        out = torch.empty(width, chunk, dtype=torch.float32)  # the new ones
+        anchor_bytes = torch.empty(chunk * 4, dtype=torch.uint8)
         with self._read_lock:
-            x = read_delta(self.base, self.ckpt, name, stop, self._delta_buffer(stored.numel))
-        numel = x.numel()
+            x = read_delta(self.base, self.ckpt, name, stop, self._delta_buffer(numel), scratch)
         chunks = list(spans(numel, CHUNK_ELEMS))
         sketch_bytes = width * numel * 4 if self.old_sketch is not None else 0  # one pass over it
         bytes_read = numel * (stored.dtype.itemsize + self.base.reader.info(name).dtype.itemsize)
         bytes_read += sketch_bytes
 
         upd = make_update(config.estimator, self.snapshot.small(name), width, config.oja_eta)
-        # chunk buffers reused for the whole tensor (fresh ones page-fault on every first touch)
-        scratch = torch.empty(min(numel, CHUNK_ELEMS), dtype=torch.float32)
-        out = torch.empty(width, min(numel, CHUNK_ELEMS), dtype=torch.float32)
 
         def as_f32(v: torch.Tensor) -> torch.Tensor:
             return scratch[: v.numel()].copy_(v)
@@ -370,15 +384,18 @@ class CheckpointPass:
         dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a
         for i, j in chunks:
             stop()
-            upd.accumulate(self._old_columns(name, i, j), x[i:j])
+            upd.accumulate(self._old_columns(name, i, j, old), x[i:j])
             for a, f in self.anchor_files.items():
-                dots[a][0] += float(torch.dot(x[i:j], as_f32(f.read_range(f"v/{name}", i, j))))
-                dots[a][1] += float(torch.dot(x[i:j], as_f32(f.read_range(f"x/{name}", i, j))))
+                v_a = as_f32(f.read_range(f"v/{name}", i, j, anchor_bytes))
+                dots[a][0] += float(torch.dot(x[i:j], v_a))
+                x_a = as_f32(f.read_range(f"x/{name}", i, j, anchor_bytes))
+                dots[a][1] += float(torch.dot(x[i:j], x_a))
+        check_finite(self.base, self.ckpt, name, x, upd.xsq)
         if upd.exact_residual_needed():
             bytes_read += sketch_bytes
             for i, j in chunks:
                 stop()
-                upd.accumulate_residual(self._old_columns(name, i, j), x[i:j])
+                upd.accumulate_residual(self._old_columns(name, i, j, old), x[i:j])
         new_small = upd.plan()
         fit = fit_line(self.step_tensor, new_small.coefficients, config.window)
 
@@ -388,7 +405,7 @@ class CheckpointPass:
         bytes_read += sketch_bytes
         for i, j in chunks:
             stop()
-            q_new = upd.new_columns(self._old_columns(name, i, j), x[i:j], out)
+            q_new = upd.new_columns(self._old_columns(name, i, j, old), x[i:j], out)
             for c in range(width):
                 self.sketch.write(name, c * numel + i, q_new[c])
             if self.anchor_v is not None and self.anchor_x is not None:

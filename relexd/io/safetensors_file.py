@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import mmap
 import os
 import threading
 from collections.abc import Mapping
@@ -273,19 +272,12 @@ class SafetensorsFile(Closeable):
 
     The descriptor is opened once, so every read sees the inode that was validated even if the
     trainer renames another file over the path meanwhile.
-
-    ``mapped=True`` serves ranges as views of a private memory mapping of just that range instead
-    of copies: twice the throughput of ``pread`` from the page cache (bench/README.md), and no
-    copy at all. Only for relexd's own state files, which nobody truncates (see the module
-    docstring for why checkpoints are never mapped). Each range has its own mapping, unmapped
-    when its tensor is freed, so resident memory stays what the caller holds.
     """
 
     thread_safe = True  # positional reads on one descriptor
 
-    def __init__(self, path: Path, header: SafetensorsHeader | None = None, *, mapped: bool = False) -> None:
+    def __init__(self, path: Path, header: SafetensorsHeader | None = None) -> None:
         self.path = Path(path)
-        self.mapped = mapped
         self._fd: int | None = _open_fd(self.path)
         try:
             if header is None:
@@ -332,14 +324,14 @@ class SafetensorsFile(Closeable):
     def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor, 1-D, in the stored dtype.
 
-        ``out``: a contiguous buffer of at least that many bytes to read into (plain reads only);
-        the result is then a view of it, valid until the buffer is reused."""
+        ``out``: a contiguous buffer of at least that many bytes to read into; the result is then
+        a view of it, valid until the buffer is reused."""
         info = self.info(name)
         if not 0 <= start <= stop <= info.numel:
             raise ValueError(f"range [{start}, {stop}) is outside {name!r} of {info.numel} elements")
         itemsize = info.dtype.itemsize
         begin, end = info.start + start * itemsize, info.start + stop * itemsize
-        if out is None or self.mapped or begin == end:
+        if out is None or begin == end:
             return self._tensor(info, begin, end)
         if not out.is_contiguous() or out.numel() * out.element_size() < end - begin:
             raise ValueError(f"buffer of {out.numel() * out.element_size()} bytes is too small")
@@ -347,40 +339,11 @@ class SafetensorsFile(Closeable):
         buf = _pread_exact(self._descriptor(), self.path, end - begin, begin, into)
         return torch.frombuffer(buf, dtype=info.dtype)
 
-    def read_strided(self, name: str, rows: int, start: int, stop: int) -> torch.Tensor:
-        """Columns ``[start, stop)`` of every row of tensor ``name`` viewed as ``rows`` × n:
-        a ``rows`` × (stop − start) tensor (a strided view when mapped, else a copy)."""
-        info = self.info(name)
-        n = info.numel // rows if rows else 0
-        if rows * n != info.numel or not 0 <= start <= stop <= n:
-            raise ValueError(f"columns [{start}, {stop}) of {name!r} as {rows} rows are out of range")
-        if not self.mapped or rows <= 1 or start == stop:
-            return torch.stack([self.read_range(name, r * n + start, r * n + stop) for r in range(rows)])
-        itemsize = info.dtype.itemsize
-        flat = self._tensor(
-            info, info.start + start * itemsize, info.start + ((rows - 1) * n + stop) * itemsize
-        )
-        return flat.as_strided((rows, stop - start), (n, 1))
-
     def _tensor(self, info: TensorInfo, begin: int, end: int) -> torch.Tensor:
         if begin == end:  # torch.frombuffer refuses empty buffers
             return torch.empty(0, dtype=info.dtype)
-        if self.mapped:
-            return self._mapped(info, begin, end)
         buf = _pread_exact(self._descriptor(), self.path, end - begin, begin)
         return torch.frombuffer(buf, dtype=info.dtype)
-
-    def _mapped(self, info: TensorInfo, begin: int, end: int) -> torch.Tensor:
-        page = begin - begin % mmap.ALLOCATIONGRANULARITY
-        try:
-            # private + writable: torch wants writable buffers; nothing is ever written through it
-            mm = mmap.mmap(self._descriptor(), end - page, mmap.MAP_PRIVATE, offset=page)
-        except OSError as exc:
-            raise os_error(self.path, exc, "mapping") from exc
-        # the tensor keeps the mapping alive; it is unmapped when the last view is freed
-        return torch.frombuffer(
-            mm, dtype=info.dtype, offset=begin - page, count=(end - begin) // info.dtype.itemsize
-        )
 
     def close(self) -> None:
         if self._fd is not None:

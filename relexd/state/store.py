@@ -107,20 +107,32 @@ class Snapshot:
 
 
 class SketchFile(Closeable):
-    """One generation's sketch, read (memory-mapped: it is our own file) as column chunks."""
+    """One generation's sketch, read as column chunks.
+
+    Plain reads into the caller's reused buffer, not a memory mapping: mapped reads of a sketch
+    that is not in the page cache (the normal case from 1.5B parameters on: the state outgrows
+    RAM) fault it in a few pages at a time, and measured slower than the whole old engine.
+    """
 
     def __init__(self, path: Path) -> None:
-        self.file = SafetensorsFile(path, mapped=True)
+        self.file = SafetensorsFile(path)
         self.column_major = (self.file.header.metadata or {}).get("layout") == SKETCH_COLUMNS["layout"]
 
-    def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of every basis vector of tensor ``name``: width × n float32."""
+    def columns(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of every basis vector of tensor ``name``: width × n float32,
+        read into ``out`` (width × ≥ n, rows contiguous) when given."""
         shape = self.file.info(name).shape
-        if self.column_major:
-            return self.file.read_strided(name, shape[0], start, stop)
-        width = shape[1]  # the earlier row-major layout: numel × width, read once per old state
-        rows = self.file.read_range(name, start * width, stop * width).reshape(stop - start, width)
-        return rows.T.contiguous()  # products on strided rows measured 50× less accurate
+        n = stop - start
+        if not self.column_major:
+            width = shape[1]  # the earlier row-major layout: numel × width, read once per old state
+            rows = self.file.read_range(name, start * width, stop * width).reshape(n, width)
+            return rows.T.contiguous()  # products on strided rows measured 50× less accurate
+        width, numel = shape
+        if out is None:
+            out = torch.empty(width, n, dtype=torch.float32)
+        for c in range(width):
+            self.file.read_range(name, c * numel + start, c * numel + stop, out[c, :n])  # in place
+        return out[:, :n]
 
     def vectors(self, name: str) -> torch.Tensor:
         """The whole basis of tensor ``name`` (width × numel), owned by the caller."""
@@ -136,12 +148,11 @@ class AnchorFiles:
     """The two files of one anchor, read as one: keys are "v/<tensor>" and "x/<tensor>"."""
 
     def __init__(self, directory: Path) -> None:
-        self.files = {
-            kind: SafetensorsFile(directory / f"{kind}.safetensors", mapped=True) for kind in ANCHOR_KINDS
-        }
+        self.files = {kind: SafetensorsFile(directory / f"{kind}.safetensors") for kind in ANCHOR_KINDS}
 
-    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.files[key.split("/", 1)[0]].read_range(key, start, stop)
+    def read_range(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements of "v/<tensor>" or "x/<tensor>", into the byte buffer ``out`` when given."""
+        return self.files[key.split("/", 1)[0]].read_range(key, start, stop, out)
 
     def close(self) -> None:
         for f in self.files.values():

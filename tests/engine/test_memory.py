@@ -43,8 +43,9 @@ PROBE = textwrap.dedent(
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
 
-    root = Path(sys.argv[1])
-    engine = Engine(root / "state", root / "base", EngineConfig(), threads=1)
+    root, threads = Path(sys.argv[1]), int(sys.argv[2])
+    budget = int(sys.argv[3]) or None
+    engine = Engine(root / "state", root / "base", EngineConfig(), threads=threads, memory_budget=budget)
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     before = status("VmRSS")
@@ -56,11 +57,21 @@ PROBE = textwrap.dedent(
 )
 
 
-def probe_peak_growth(root: Path) -> int:
+def measure_peak_growth(root: Path, threads: int = 1, budget: int = 0) -> int:
     """Peak RSS growth (bytes) of two ingests of root/ckpt{1,2} over root/base and a preview."""
-    out = subprocess.run([sys.executable, "-c", PROBE, str(root)], capture_output=True, text=True, check=True)
+    import shutil
+
+    shutil.rmtree(root / "state", ignore_errors=True)
+    shutil.rmtree(root / "previews", ignore_errors=True)
+    cmd = [sys.executable, "-c", PROBE, str(root), str(threads), str(budget)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     before, after = (int(v) for v in out.stdout.split())
-    growth = after - before
+    return after - before
+
+
+def probe_peak_growth(root: Path) -> int:
+    """The one-worker bound: peak growth below twice the largest tensor in float32 plus chunks."""
+    growth = measure_peak_growth(root)
     largest_f32 = LARGEST * 4
     # a fixed allowance for chunk temporaries and allocator slack, well below one checkpoint (200 MB)
     assert growth < 2 * largest_f32 + 48 * MB, f"peak RSS grew by {growth / MB:.0f} MB"
@@ -73,3 +84,21 @@ def test_peak_rss_is_bounded_by_the_largest_tensor(tmp_path: Path) -> None:
     for step in (1, 2):
         write_model(tmp_path / f"ckpt{step}", 0.01 * step)
     probe_peak_growth(tmp_path)
+
+
+def test_workers_hold_one_tensor_each_and_the_budget_caps_them(tmp_path: Path) -> None:
+    """Two workers hold two tensors in flight (the largest and the next one); a budget that fits
+    only one tensor task brings the peak back to one worker's."""
+    from relexd.engine.ingest import task_bytes
+
+    write_model(tmp_path / "base", 0.0)
+    for step in (1, 2):
+        write_model(tmp_path / f"ckpt{step}", 0.01 * step)
+    largest_f32 = LARGEST * 4
+    one = measure_peak_growth(tmp_path, threads=1)
+    two = measure_peak_growth(tmp_path, threads=2)
+    capped = measure_peak_growth(tmp_path, threads=2, budget=task_bytes(LARGEST, 2) + 1)
+    print(f"peak growth MB: 1 worker {one / MB:.0f}, 2 workers {two / MB:.0f}, 2 capped {capped / MB:.0f}")
+    assert two < 2 * (2 * largest_f32) + 64 * MB  # workers × 2 × largest + chunks
+    assert two > one + 0.5 * OTHER * 4  # a second tensor was in flight
+    assert capped < one + 0.25 * OTHER * 4  # … and the budget kept it out

@@ -1,0 +1,89 @@
+"""PositionalSafetensorsWriter: chunks in any order, from several threads, give exactly the bytes
+of a sequential write; an incomplete or misused file is refused and deleted."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from relexd.io.safetensors_file import PositionalSafetensorsWriter, StreamingSafetensorsWriter
+
+TENSORS = {
+    "w": torch.randn(64, 33, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
+    "b": torch.arange(1000, dtype=torch.float32),
+    "empty": torch.zeros(0, 3, dtype=torch.float16),
+    "q": torch.randn(2, 517, generator=torch.Generator().manual_seed(2)),
+}
+SPECS = {name: (t.dtype, tuple(t.shape)) for name, t in TENSORS.items()}
+
+
+def _chunks(size: int = 37) -> list[tuple[str, int, torch.Tensor]]:
+    out = []
+    for name, t in TENSORS.items():
+        flat = t.reshape(-1)
+        out += [(name, i, flat[i : i + size]) for i in range(0, flat.numel(), size)]
+    return out
+
+
+def test_shuffled_chunks_from_threads_equal_a_sequential_write(tmp_path: Path) -> None:
+    sequential = tmp_path / "seq.safetensors"
+    with StreamingSafetensorsWriter(sequential, SPECS, {"layout": "columns"}) as w:
+        for name, _, chunk in _chunks():
+            w.append(name, chunk)
+    chunks = _chunks()
+    random.Random(0).shuffle(chunks)
+    positional = tmp_path / "pos.safetensors"
+    # a tiny flush threshold: background fdatasyncs run while the threads write
+    writer = PositionalSafetensorsWriter(positional, SPECS, {"layout": "columns"}, flush_bytes=512)
+    threads = [
+        threading.Thread(target=lambda part=chunks[k::4]: [writer.write(*c) for c in part]) for k in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.close()
+    assert positional.read_bytes() == sequential.read_bytes()
+    loaded = load_file(positional)
+    assert all(torch.equal(loaded[n], TENSORS[n]) for n in TENSORS)
+
+
+def test_a_file_missing_chunks_is_deleted_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "out.safetensors"
+    writer = PositionalSafetensorsWriter(path, SPECS)
+    for name, start, chunk in _chunks()[:-1]:
+        writer.write(name, start, chunk)
+    with pytest.raises(ValueError, match="'q'"):
+        writer.close()
+    assert not path.exists()
+
+
+def test_misuse_is_refused_and_abort_deletes(tmp_path: Path) -> None:
+    path = tmp_path / "out.safetensors"
+    writer = PositionalSafetensorsWriter(path, SPECS)
+    with pytest.raises(ValueError, match="overruns"):
+        writer.write("b", 990, torch.zeros(11))
+    with pytest.raises(ValueError, match=r"is torch\.float32"):
+        writer.write("b", 0, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="no tensor"):
+        writer.write("nope", 0, torch.zeros(1))
+    writer.abort()
+    assert not path.exists()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write("b", 0, torch.zeros(1))
+
+
+def test_the_file_is_preallocated_to_its_final_size(tmp_path: Path) -> None:
+    """A full disk fails at the start (fallocate), not after the whole ingest."""
+    path = tmp_path / "out.safetensors"
+    writer = PositionalSafetensorsWriter(path, SPECS)
+    size = path.stat().st_size
+    for c in _chunks():
+        writer.write(*c)
+    writer.close()
+    assert path.stat().st_size == size
