@@ -159,15 +159,20 @@ def ingest_child(
     cmd = [sys.executable, "-c", CHILD, str(state), str(base), str(ckpt), str(step), "brand", str(rank)]
     cmd.append(str(config.threads))
     with busy_core(config.busy):
-        out = subprocess.run(
+        done = subprocess.run(
             cmd,
             env=env,
             capture_output=True,
             text=True,
-            check=True,
+            check=False,
             preexec_fn=(lambda: os.nice(10)) if config.busy else None,
-        ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{config.label} engine, {config.threads} thread(s), step {step}: exit {done.returncode}\n"
+            + done.stderr[-4000:]
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run(
