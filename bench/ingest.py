@@ -155,7 +155,10 @@ def busy_core(on: bool) -> Iterator[None]:
 def ingest_child(
     config: Config, tree: Path | None, state: Path, base: Path, ckpt: Path, step: int, rank: int
 ) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(tree if config.engine == "before" else REPO))
+    code = tree if config.engine == "before" and tree is not None else REPO
+    # `python -c` puts the working directory first on sys.path, before PYTHONPATH: run it from the
+    # tree whose engine it must import (run from this repository, "before" imported today's engine)
+    env = dict(os.environ, PYTHONPATH=str(code))
     cmd = [sys.executable, "-c", CHILD, str(state), str(base), str(ckpt), str(step), "brand", str(rank)]
     cmd.append(str(config.threads))
     with busy_core(config.busy):
@@ -165,6 +168,7 @@ def ingest_child(
             capture_output=True,
             text=True,
             check=False,
+            cwd=code,
             preexec_fn=(lambda: os.nice(10)) if config.busy else None,
         )
     if done.returncode != 0:
