@@ -119,7 +119,7 @@ def _write_tensor(
             # frozen or non-float tensors: θ₀ exactly, converted only if the checkpoint's dtype differs
             writer.append(name, theta0.to(dtype))
             continue
-        v = sketch.columns(source, i, j)[0]
+        v = sketch.columns(source, i, j, count=1)[0]  # only the direction: one vector read
         pred = torch.add(theta0.to(torch.float32), v, alpha=coef)
         writer.append(name, pred.to(dtype))
 

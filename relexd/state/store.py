@@ -118,9 +118,11 @@ class SketchFile(Closeable):
         self.file = SafetensorsFile(path)
         self.column_major = (self.file.header.metadata or {}).get("layout") == SKETCH_COLUMNS["layout"]
 
-    def columns(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of every basis vector of tensor ``name``: width × n float32,
-        read into ``out`` (width × ≥ n, rows contiguous) when given."""
+    def columns(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None, count: int | None = None
+    ) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the first ``count`` basis vectors (default: all, width) of
+        tensor ``name``: count × n float32, read into ``out`` (rows contiguous) when given."""
         shape = self.file.info(name).shape
         n = stop - start
         if not self.column_major:
@@ -128,11 +130,12 @@ class SketchFile(Closeable):
             rows = self.file.read_range(name, start * width, stop * width).reshape(n, width)
             return rows.T.contiguous()  # products on strided rows measured 50× less accurate
         width, numel = shape
+        width = width if count is None else min(count, width)
         if out is None:
             out = torch.empty(width, n, dtype=torch.float32)
         for c in range(width):
             self.file.read_range(name, c * numel + start, c * numel + stop, out[c, :n])  # in place
-        return out[:, :n]
+        return out[:width, :n]
 
     def vectors(self, name: str) -> torch.Tensor:
         """The whole basis of tensor ``name`` (width × numel), owned by the caller."""
