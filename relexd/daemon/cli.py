@@ -100,12 +100,23 @@ def watch(
     poll_interval: Annotated[
         float, typer.Option(help="Polling observer interval, s.", envvar=_env("poll_interval"))
     ] = 2.0,
-    on_preview: Annotated[
+    eval_command: Annotated[
         str | None,
         typer.Option(
-            help="Command run after each preview; {path} {step} {target} substituted.",
-            envvar=_env("on_preview"),
+            "--eval",
+            help="Evaluation command for previews and checkpoints (no shell); {path} {step} {target} "
+            '{kind} {made_from} substituted; its last stdout line: {"score": <higher is better>}.',
+            envvar=_env("eval"),
+            show_default=False,
         ),
+    ] = None,
+    eval_every: Annotated[
+        int,
+        typer.Option(min=1, help="Evaluate every N-th preview refresh.", envvar=_env("eval_every")),
+    ] = 1,
+    on_preview: Annotated[
+        str | None,
+        typer.Option(help="Deprecated name of --eval.", envvar=_env("on_preview"), hidden=True),
     ] = None,
     hook_timeout: Annotated[
         float, typer.Option(help="Hook timeout, s.", envvar=_env("hook_timeout"))
@@ -144,8 +155,13 @@ def watch(
         int | None, typer.Option(help="Fit only the last W checkpoints.", envvar=_env("window"))
     ] = None,
     horizon: Annotated[
-        str, typer.Option(help="Forecast horizons, e.g. 2 or 2,4.", envvar=_env("horizon"))
-    ] = "2",
+        str | None,
+        typer.Option(
+            help="Forecast horizons, e.g. 2 or 2,4 (default: the --preview-ahead ratios, else 2).",
+            envvar=_env("horizon"),
+            show_default=False,
+        ),
+    ] = None,
     anchor_dtype: Annotated[
         str,
         typer.Option(
@@ -181,19 +197,26 @@ def watch(
     from relexd.daemon.service import WatchService  # heavy imports after option parsing
     from relexd.telemetry import RelexdMetrics
 
+    if on_preview:
+        if eval_command:
+            _fail("--on-preview is the old name of --eval; give only --eval")
+        typer.echo("relexd: warning: --on-preview is deprecated; use --eval (same command)", err=True)
+        eval_command = on_preview
     try:
+        ahead = parse_list(preview_ahead, float, "preview-ahead")
         settings = WatchSettings(
             run_dir=run_dir,
             base=base,
             state_dir=state_dir or default_state_dir(),
             preview_dir=preview_dir,
-            preview_ahead=parse_list(preview_ahead, float, "preview-ahead"),
+            preview_ahead=ahead,
             preview_at=parse_list(preview_at, int, "preview-at"),
             preview_every=preview_every,
             preview_keep=preview_keep,
             poll=poll,
             poll_interval=poll_interval,
-            on_preview=on_preview or None,
+            eval_command=eval_command or None,
+            eval_every=eval_every,
             hook_timeout=hook_timeout,
             reconcile_interval=reconcile_interval,
             debounce=debounce,
@@ -202,7 +225,7 @@ def watch(
                 estimator=estimator,
                 rank=sketch_rank,
                 window=window,
-                horizons=parse_list(horizon, float, "horizon"),
+                horizons=default_horizons(parse_list(horizon, float, "horizon"), ahead),
                 anchor_dtype=anchor_dtype,
                 every=every,
             ),
@@ -222,6 +245,12 @@ def watch(
     except OSError as exc:
         _fail(f"cannot start: {exc}")
     raise typer.Exit(service.run())
+
+
+def default_horizons(given: tuple[float, ...], preview_ahead: tuple[float, ...]) -> tuple[float, ...]:
+    """Forward-validation horizons: as given, else those of the previews (a 6x preview is judged
+    by a 6x skill), else 2x."""
+    return given or tuple(sorted(set(preview_ahead))) or (2.0,)
 
 
 def status(

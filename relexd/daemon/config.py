@@ -38,7 +38,10 @@ class WatchSettings:
     preview_keep: int = 0
     poll: bool = False
     poll_interval: float = 2.0
-    on_preview: str | None = None
+    #: the evaluation command (``--eval``; ``--on-preview`` is its deprecated name)
+    eval_command: str | None = None
+    #: evaluate every N-th preview refresh (previews, their checkpoints, the checkpoints reaching them)
+    eval_every: int = 1
     hook_timeout: float = 3600.0
     reconcile_interval: float = 30.0
     debounce: float = 2.0  # marker-less layouts: per checkpoint, files unchanged this long
@@ -58,6 +61,8 @@ class WatchSettings:
     def __post_init__(self) -> None:
         if self.preview_every < 1:
             raise ConfigError(f"--preview-every must be ≥ 1, not {self.preview_every}")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be ≥ 1, not {self.eval_every}")
         if self.preview_keep < 0:
             raise ConfigError(f"--preview-keep must be ≥ 0, not {self.preview_keep}")
         if any(r <= 1.0 for r in self.preview_ahead):

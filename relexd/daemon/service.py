@@ -11,7 +11,9 @@ Threads and who does what:
 * the **observer** (watchdog) and the **reconcile job** (apscheduler) only wake the scout up:
   events are hints (and name checkpoints that may be gone before a scan), the job is the safety
   net for anything the observer missed.
-* the **hook executor** runs ``--on-preview`` commands so an evaluation never delays ingestion.
+* the **hook executor** runs ``--eval`` commands so an evaluation never delays ingestion; what it
+  is asked to score and what the scores mean is kept in the evaluation ledger
+  (:mod:`relexd.daemon.evaluations`).
 * the **main thread** handles signals, systemd notifications and the watchdog ping, pinging only
   while the other threads are alive.
 
@@ -27,12 +29,14 @@ written again.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -42,14 +46,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from relexd import __version__
 from relexd.daemon import previews as pv
 from relexd.daemon.config import WatchSettings
-from relexd.daemon.hook import PreviewHook
+from relexd.daemon.evaluations import EvalJob, EvalLedger
+from relexd.daemon.hook import EvalHook, HookResult
 from relexd.daemon.intake import Intake, ScanNews, Waiting
 from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
 from relexd.engine.config import available_cores
 from relexd.engine.engine import Engine
 from relexd.engine.ingest import IngestReport, Interrupted
-from relexd.engine.preview import preview_name
+from relexd.engine.preview import MANIFEST, preview_name
 from relexd.errors import CheckpointError
 from relexd.io.atomic import write_json_atomic
 from relexd.io.layouts import CheckpointRef
@@ -69,6 +74,10 @@ BEHIND_BACKLOG = 2
 DAEMON_FILE = "daemon.json"
 #: Where pinned checkpoints' views live (emptied on start: views never outlive the process).
 PIN_DIR = "pins"
+#: Checkpoint directories remembered by step, for evaluating the one a preview was made from.
+REMEMBERED_CHECKPOINTS = 16
+#: Ledger status of each hook outcome ("shutdown" is none: the job stays pending, re-run on start).
+EVAL_STATUS = {"ok": "done", "gone": "gone", "superseded": "superseded"}
 
 
 class Outcome(Enum):
@@ -100,7 +109,10 @@ class WatchService:
         self.engine: Engine | None = None
         self.watcher: RunWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
-        self.hook: PreviewHook | None = None
+        self.hook: EvalHook | None = None
+        self.evaluations: EvalLedger | None = None
+        self._checkpoint_paths: dict[int, Path] = {}  # step → the trainer's checkpoint directory
+        self._preview_lock = threading.Lock()  # preview writes (worker) vs manifest stamps (hook)
         self.http: HttpServer | None = None
         self._known_labels: set[str] = set()
 
@@ -141,13 +153,15 @@ class WatchService:
                 "version": __version__,
             },
         )
-        if s.on_preview:
-            self.hook = PreviewHook(
-                s.on_preview,
-                s.hook_timeout,
-                on_score=self.metrics.set_eval_score,
-                on_failure=self.metrics.count_hook_failure,
-            )
+        self.evaluations = EvalLedger(s.state_dir, s.engine.horizons)
+        self._publish_evaluations()
+        if s.eval_command:
+            self.hook = EvalHook(s.eval_command, s.hook_timeout, on_result=self._eval_result)
+            unfinished = self.evaluations.unfinished()
+            if unfinished:
+                log.info("re-running evaluations a previous run did not finish", count=len(unfinished))
+            for job in unfinished:
+                self.hook.submit(job)
 
     def run(self) -> int:
         """Start everything, serve until a signal (or, with ``once``, until caught up)."""
@@ -289,6 +303,8 @@ class WatchService:
 
     def _once_loop(self) -> None:
         self.pass_once(force_stable=True)
+        if self.hook is not None:
+            self.hook.wait_idle(self.stop_event)  # --once evaluates what it queued before exiting
         self.stop_event.set()
 
     def _scout_loop(self) -> None:
@@ -481,6 +497,7 @@ class WatchService:
             return self._bad_input(bound, ref, "io", str(ref.path), repr(exc))
         self._retry_at, self._retry_delay = 0.0, RETRY_MIN_S
         lag = self._record(waiting, report)
+        self._remember_checkpoint(ref.step, ref.path)
         bound.info(
             "checkpoint ingested",
             seconds=round(report.seconds, 4),
@@ -566,7 +583,8 @@ class WatchService:
             )
             started = time.monotonic()
             try:
-                path = engine.write_preview(target.step, s.previews)
+                with self._preview_lock:
+                    path = engine.write_preview(target.step, s.previews)
             except OSError as exc:
                 ok = False
                 bound.error("cannot write preview; previous one kept, will retry", error=str(exc))
@@ -574,16 +592,86 @@ class WatchService:
             seconds = time.monotonic() - started
             self.metrics.observe_preview_written(target.label, target.step, seconds)
             bound.info("preview written", seconds=round(seconds, 4))
-            if self.hook is not None:
-                self.hook.submit(path, target.step, target.label)
+            self._evaluate_preview(target, path)
         if not ok:
             # keep the superseded previews until their replacements exist (disk full: the old
             # preview is still the best one there is)
             self._previews_dirty = True
             return
-        for path in pv.prune(s.previews, wanted, s.preview_keep):
+        with self._preview_lock:
+            pruned = pv.prune(s.previews, wanted, s.preview_keep)
+        for path in pruned:
             log.info("preview removed (target no longer wanted)", path=str(path), step=pv.preview_step(path))
         for label in self._known_labels - {t.label for t in wanted}:
             self.metrics.forget_target(label)
         self._known_labels = {t.label for t in wanted}
         self._previews_dirty = False
+
+    # -- evaluations -------------------------------------------------------------------------
+
+    def _remember_checkpoint(self, step: int, path: Path) -> None:
+        """Note where checkpoint ``step`` lives; ask for the evaluations it completes."""
+        self._checkpoint_paths[step] = path
+        for old in sorted(self._checkpoint_paths)[:-REMEMBERED_CHECKPOINTS]:
+            del self._checkpoint_paths[old]
+        if self.hook is not None and self.evaluations is not None:
+            for job in self.evaluations.after_ingest(step, path):
+                self.hook.submit(job)
+
+    def eval_due(self) -> bool:
+        """Whether this refresh's previews are evaluated: every ``--eval-every``-th refresh, counted
+        from the observed checkpoints (like the refreshes themselves), so a restart agrees."""
+        assert self.engine is not None
+        refresh = (len(self.engine.steps) - 1) // self.settings.preview_every
+        return refresh % self.settings.eval_every == 0
+
+    def _evaluate_preview(self, target: pv.Target, path: Path) -> None:
+        engine = self.engine
+        if self.hook is None or self.evaluations is None or engine is None or not engine.steps:
+            return
+        made_from = engine.steps[-1]
+        key = EvalJob("preview", target.step, path, target.label, made_from).key
+        if not self.eval_due() or key in {r["key"] for r in self.evaluations.records()}:
+            return  # not due, or this very preview (rewritten after a crash) is already scored
+        checkpoint = self._checkpoint_paths.get(made_from)
+        last_source = engine.snapshot.meta.get("last_source")
+        if checkpoint is None and last_source:
+            checkpoint = Path(last_source)  # after a restart: the newest ingested checkpoint
+        for job in self.evaluations.after_preview(target.label, target.step, made_from, path, checkpoint):
+            self.hook.submit(job)
+
+    def _eval_result(self, job: EvalJob, result: HookResult) -> None:
+        """A hook run ended (hook thread): record it durably, count it, republish the figures."""
+        if result.outcome == "shutdown" or self.evaluations is None:
+            return  # stays pending: the next start runs it
+        status = EVAL_STATUS.get(result.outcome, "failed")
+        self.evaluations.finish(job, status, result.score, error=result.error, seconds=result.seconds)
+        self.metrics.count_evaluation(job.kind, result.outcome)
+        if job.kind == "preview" and result.score is not None:
+            self._stamp_manifest(job, result.score)
+        self._publish_evaluations()
+
+    def _stamp_manifest(self, job: EvalJob, score: float) -> None:
+        """Write the score into the preview's manifest, if that directory still holds the preview
+        that was evaluated (a newer one may have replaced it meanwhile)."""
+        manifest = job.path / MANIFEST
+        with self._preview_lock:
+            try:
+                doc = json.loads(manifest.read_text(encoding="utf-8"))
+                if doc.get("newest_observed_step") != job.made_from:
+                    return
+                doc["evaluation"] = {"score": score, "made_from": job.made_from, "evaluated": time.time()}
+                write_json_atomic(manifest, doc)
+            except (OSError, ValueError) as exc:
+                log.info("preview manifest not stamped with its score", path=str(manifest), reason=str(exc))
+
+    def _publish_evaluations(self) -> None:
+        if self.evaluations is None:
+            return
+        fig = self.evaluations.figures()
+        checkpoint = None
+        if fig.checkpoint_step is not None and fig.checkpoint_score is not None:
+            checkpoint = (fig.checkpoint_step, fig.checkpoint_score)
+        self.metrics.set_eval_figures(checkpoint=checkpoint, realized=fig.realized, leads=fig.leads)
+        for target, score in fig.preview_scores.items():
+            self.metrics.set_eval_score(target, score)

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from relexd.daemon import previews as pv
+from relexd.daemon.evaluations import EvalLedger
+from relexd.daemon.evaluations import read_ledger as read_evaluations
 from relexd.daemon.missed import read_ledger
 from relexd.daemon.service import DAEMON_FILE
 from relexd.state.store import read_snapshot
@@ -37,6 +39,7 @@ def collect(state_dir: Path, preview_dir: Path | None = None) -> dict[str, Any]:
         )
     history = meta.get("history", [])
     ledger = read_ledger(state_dir) or {}
+    evaluations = _evaluations(state_dir, (meta.get("config") or {}).get("horizons") or [2.0])
     return {
         "state_dir": str(state_dir),
         "generation": snap.name,
@@ -54,6 +57,29 @@ def collect(state_dir: Path, preview_dir: Path | None = None) -> dict[str, Any]:
         "missed": {"counts": ledger.get("counts", {}), "recent": ledger.get("recent", [])},
         "preview_dir": str(preview_dir),
         "previews": previews,
+        "evaluations": evaluations,
+    }
+
+
+#: evaluation records ``status`` lists (the newest)
+RECENT_EVALUATIONS = 12
+
+
+def _evaluations(state_dir: Path, horizons: list[float]) -> dict[str, Any]:
+    """The evaluation ledger's figures and newest records (empty when there is none)."""
+    try:
+        if read_evaluations(state_dir) is None:
+            return {"figures": None, "recent": [], "realized": {}, "leads": {}}
+    except ValueError as exc:
+        return {"error": str(exc), "figures": None, "recent": [], "realized": {}, "leads": {}}
+    # read-only use of the ledger: EvalLedger only writes when asked to schedule or record
+    ledger = EvalLedger(state_dir, tuple(horizons))
+    fig = ledger.figures()
+    return {
+        "checkpoint": {"step": fig.checkpoint_step, "score": fig.checkpoint_score},
+        "realized": {h: {"gain_share": share, "advantage": adv} for h, (share, adv) in fig.realized.items()},
+        "leads": {t: {"lead": lead, "streak": n, "horizon": h} for t, (lead, n, h) in fig.leads.items()},
+        "recent": ledger.records()[-RECENT_EVALUATIONS:],
     }
 
 
@@ -106,9 +132,50 @@ def render(info: dict[str, Any], console: Console) -> None:
                 *(_fmt(f.get(k)) for k in ("horizon", "anchor_step", "step", "ratio", "error_ratio", "skill"))
             )
         console.print(fc)
+    _render_evaluations(info["evaluations"], console)
     prev = Table(title=f"previews in {info['preview_dir']}")
     for col in ("target step", "built from step", "current", "path"):
         prev.add_column(col)
     for p in info["previews"]:
         prev.add_row(str(p["target_step"]), _fmt(p["from_step"]), "yes" if p["current"] else "no", p["path"])
     console.print(prev)
+
+
+def _render_evaluations(ev: dict[str, Any], console: Console) -> None:
+    if ev.get("error"):
+        console.print(f"[red]evaluation ledger: {ev['error']}[/red]")
+    if not ev.get("recent"):
+        return
+    figures = Table(title="evaluations (--eval): what to believe", show_header=False)
+    figures.add_column("key", style="bold")
+    figures.add_column("value")
+    ckpt = ev.get("checkpoint") or {}
+    figures.add_row(
+        "newest evaluated checkpoint", f"step {_fmt(ckpt.get('step'))}: {_fmt(ckpt.get('score'))}"
+    )
+    for h, r in sorted(ev["realized"].items()):
+        figures.add_row(
+            f"realized at {h}",
+            f"advantage {_fmt(r['advantage'])}, share of training's gain {_fmt(r['gain_share'])}",
+        )
+    for t, r in sorted(ev["leads"].items()):
+        figures.add_row(
+            f"lead of {t}", f"{_fmt(r['lead'])} ({r['streak']} positive in a row, horizon {r['horizon']})"
+        )
+    console.print(figures)
+    table = Table(title="newest evaluations")
+    for col in ("kind", "step", "made from", "target", "status", "score", "lead", "realized share"):
+        table.add_column(col)
+    for r in ev["recent"]:
+        real = r.get("realized") or {}
+        table.add_row(
+            r["kind"],
+            str(r["step"]),
+            str(r["made_from"]),
+            r["target"] or "—",
+            r["status"],
+            _fmt(r.get("score")),
+            _fmt(r.get("lead")),
+            _fmt(real.get("gain_share")),
+        )
+    console.print(table)

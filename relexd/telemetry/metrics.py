@@ -134,6 +134,47 @@ _STALL_THRESHOLD_HELP = (
     "alert fires. Absent: the alert rule's default (30 min) applies."
 )
 
+#: Reward-space figures from the evaluation hook (relexd.math.realized); absent until known.
+_EVAL_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "relexd_checkpoint_eval_score": (
+        "Score the evaluation hook reported for the newest evaluated training checkpoint (scale "
+        "defined by the hook, higher is better). Its step is relexd_checkpoint_eval_step.",
+        (),
+    ),
+    "relexd_checkpoint_eval_step": (
+        "Training step of the checkpoint behind relexd_checkpoint_eval_score.",
+        (),
+    ),
+    "relexd_preview_realized_gain_share": (
+        "Realized validation of the newest preview at this horizon whose target step training has "
+        "reached: (score(preview) - score(checkpoint it was made from)) / (score(checkpoint at the "
+        "target) - score(checkpoint it was made from)). 1: the preview was as good as training "
+        "there; <0: worse than the checkpoint it was made from. Absent when training gained "
+        "nothing over that stretch.",
+        ("horizon",),
+    ),
+    "relexd_preview_realized_advantage": (
+        "Realized validation: score(preview) - score(checkpoint it was made from), for the newest "
+        "preview at this horizon whose target training has reached. >0: taking the preview would "
+        "have been better than stopping at that checkpoint.",
+        ("horizon",),
+    ),
+    "relexd_preview_lead": (
+        "score(newest evaluated preview of this target) - score(newest evaluated checkpoint). >0: "
+        "the preview relexd offers now scores better than anything training has produced so far.",
+        ("target",),
+    ),
+    "relexd_preview_lead_streak": (
+        "How many of this target's newest preview evaluations in a row had a positive lead (0 when "
+        "the newest lead is not positive); labelled by the horizon of the newest preview, to be "
+        "matched with relexd_preview_realized_advantage{horizon}.",
+        ("target", "horizon"),
+    ),
+}
+
+EVAL_OUTCOMES = ("ok", "timeout", "exit", "no_score", "cannot_run", "gone", "superseded")
+EVAL_FAILURES = ("timeout", "exit", "no_score", "cannot_run")
+
 _TENSOR_ENERGY_HELP = (
     "Rank-1 energy ratio of one tensor, 0..1, higher is better. Opt-in (per_tensor=True) because "
     "it has one series per tensor of the model."
@@ -271,6 +312,7 @@ class RelexdMetrics:
         }
         families.update({name: (doc, ("horizon",)) for name, doc in _FORECAST_HELP.items()})
         families[_STALL_THRESHOLD] = (_STALL_THRESHOLD_HELP, ())
+        families.update(_EVAL_HELP)
         if per_tensor:
             families["relexd_tensor_energy_ratio"] = (_TENSOR_ENERGY_HELP, ("tensor",))
         self._optional = _SnapshotCollector(families)
@@ -383,6 +425,17 @@ class RelexdMetrics:
             "score). Should stay flat.",
             registry=r,
         )
+        self.evaluations = Counter(
+            "relexd_evaluations_total",
+            "Evaluation hook jobs by kind (preview, checkpoint) and outcome: ok, timeout, exit, "
+            "no_score, cannot_run, gone (the weights were deleted before the run), superseded (a "
+            "newer preview of the target replaced it in the queue).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        for kind in ("preview", "checkpoint"):
+            for outcome in EVAL_OUTCOMES:
+                self.evaluations.labels(kind=kind, outcome=outcome)
 
         # --- process ------------------------------------------------------------------------------
         self.build_info = Gauge(
@@ -561,6 +614,44 @@ class RelexdMetrics:
     def count_hook_failure(self) -> None:
         """Count one failed evaluation/post-write hook run."""
         self.preview_hook_failures.inc()
+
+    def count_evaluation(self, kind: str, outcome: str) -> None:
+        """Count one finished evaluation job; failures also in relexd_preview_hook_failures_total."""
+        self.evaluations.labels(kind=kind, outcome=outcome).inc()
+        if outcome in EVAL_FAILURES:
+            self.preview_hook_failures.inc()
+
+    def set_eval_figures(
+        self,
+        *,
+        checkpoint: tuple[int, float] | None,
+        realized: Mapping[str, tuple[float | None, float]],
+        leads: Mapping[str, tuple[float, int, str]],
+    ) -> None:
+        """Publish the reward-space figures, replacing all previous ones (absent when unknown).
+
+        ``checkpoint``: (step, score) of the newest evaluated checkpoint; ``realized``: horizon
+        label → (gain share or None, advantage); ``leads``: target → (lead, streak, horizon label).
+        """
+        updates: dict[str, dict[tuple[str, ...], float]] = {
+            "relexd_checkpoint_eval_score": {} if checkpoint is None else {(): float(checkpoint[1])},
+            "relexd_checkpoint_eval_step": {} if checkpoint is None else {(): float(checkpoint[0])},
+            "relexd_preview_realized_gain_share": {
+                (h,): v for h, (share, _) in realized.items() if (v := _known(share)) is not None
+            },
+            "relexd_preview_realized_advantage": {
+                (h,): v for h, (_, adv) in realized.items() if (v := _known(adv)) is not None
+            },
+            "relexd_preview_lead": {
+                (t,): v for t, (lead, _, _) in leads.items() if (v := _known(lead)) is not None
+            },
+            "relexd_preview_lead_streak": {(t, h): float(n) for t, (_, n, h) in leads.items()},
+        }
+        self._optional.replace_many(updates)
+
+    def eval_value(self, name: str, labels: tuple[str, ...] = ()) -> float | None:
+        """The currently exported value of a reward-space metric (None if absent); for tests."""
+        return self._optional.value(name, labels)
 
     # ------------------------------------------------------------------------------------------
     def exposition(self) -> bytes:

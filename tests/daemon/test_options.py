@@ -1,12 +1,15 @@
-"""Daemon options the end-to-end tests do not exercise: --per-tensor-metrics, --preview-keep, and
-the human-readable `relexd status` table."""
+"""Daemon options the end-to-end tests do not exercise: --per-tensor-metrics, --preview-keep, --eval
+through the CLI, and the human-readable `relexd status` table."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.daemon.trainer_sim import Daemon, hf_save, make_base
 
@@ -70,4 +73,37 @@ def test_status_table_shows_figures_and_previews(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for words in ("observed checkpoints", "10, 20, 30, 40, 50", "rank1 energy ratio", "fit r2", "2x", "500"):
+        assert words in text, (words, text)
+
+
+def test_eval_option_old_name_and_horizons_following_previews(tmp_path: Path) -> None:
+    from tests.daemon.test_evaluations import evaluator
+
+    planted, base = make_base(tmp_path, noise=0.001)
+    run, state = tmp_path / "run", tmp_path / "state"
+    cmd = evaluator(
+        tmp_path, {"checkpoint:10": 0.1, "preview:30@10": 0.3, "checkpoint:30": 0.35, "preview:90@30": 0.4}
+    )
+    common = ["watch", str(run), "--base", str(base), "--state-dir", str(state), "--once", "--listen", "",
+              "--preview-ahead", "3", "--debounce", "0"]  # fmt: skip
+    hf_save(run, 10, planted.at(10))
+    both = relexd(*common, "--eval", cmd, "--on-preview", cmd)
+    assert both.returncode == 2 and "only --eval" in both.stderr
+    old = relexd(*common, "--on-preview", cmd)  # the old name still works, with a warning
+    assert old.returncode == 0, old.stderr
+    assert "--on-preview is deprecated; use --eval" in old.stderr
+    hf_save(run, 30, planted.at(30))
+    new = relexd(*common, "--eval", cmd)
+    assert new.returncode == 0, new.stderr
+    info = json.loads(relexd("status", "--state-dir", str(state), "--json").stdout)
+    assert info["config"]["horizons"] == [3.0]  # a 3x preview is judged by a 3x skill
+    ev = info["evaluations"]
+    assert [(r["key"], r["status"]) for r in ev["recent"]] == [
+        ("checkpoint:10", "done"), ("preview:30@10", "done"),
+        ("checkpoint:30", "done"), ("preview:90@30", "done"),
+    ]  # fmt: skip
+    # (0.3 − 0.1) / (0.35 − 0.1), at the 3x horizon
+    assert ev["realized"]["3x"]["gain_share"] == pytest.approx(0.8)
+    text = relexd("status", "--state-dir", str(state)).stdout
+    for words in ("realized at 3x", "share of training's gain 0.8", "lead of ahead:3x", "preview"):
         assert words in text, (words, text)
