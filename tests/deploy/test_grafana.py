@@ -56,6 +56,7 @@ def exposed_names() -> set[str]:
     m.set_stall_threshold(60)
     m.observe_preview_written("t", 2, 1.0)
     m.set_eval_score("t", 1.0)
+    m.set_eval_figures(checkpoint=(2, 0.5), realized={"2x": (0.5, 0.1)}, leads={"t": (0.1, 1, "2x")})
     text = m.exposition().decode()
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -118,6 +119,10 @@ def test_threshold_lines_match_alert_thresholds() -> None:
     assert steps("Rank-1 energy ratio and R²") == [0.85] and "< 0.85" in alerts
     assert steps("Direction drift") == [0.05] and "relexd_direction_drift > 0.05" in alerts
     assert steps("Time since last checkpoint") == [1800] and "+ 1800" in alerts
+    assert steps("Preview lead over training") == [0] and "relexd_preview_lead_streak >= 3" in alerts
+    assert (
+        steps("Realized validation per horizon") == [0] and "relexd_preview_realized_advantage > 0" in alerts
+    )
 
 
 def test_provisioning_files() -> None:

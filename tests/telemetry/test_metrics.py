@@ -33,6 +33,10 @@ CONTRACT: dict[str, tuple[str, ...]] = {
     "relexd_preview_hook_failures_total": (),
     "relexd_build_info": ("version",),
     "relexd_watcher_up": (),
+    "relexd_checkpoint_eval_score": (),
+    "relexd_preview_realized_gain_share": ("horizon",),
+    "relexd_preview_realized_advantage": ("horizon",),
+    "relexd_preview_lead": ("target",),
 }
 
 
@@ -66,6 +70,9 @@ def populated() -> RelexdMetrics:
     )
     m.observe_preview_written("ahead_2x", 200, 3.5)
     m.set_eval_score("ahead_2x", 0.42)
+    m.set_eval_figures(
+        checkpoint=(100, 0.4), realized={"2x": (0.5, 0.02)}, leads={"ahead_2x": (0.02, 1, "2x")}
+    )
     m.count_hook_failure()
     m.set_watcher_up(True)
     return m
@@ -192,3 +199,31 @@ def test_registries_are_independent() -> None:
     a, b = RelexdMetrics(), RelexdMetrics()
     a.count_hook_failure()
     assert samples(b, "relexd_preview_hook_failures_total") == {(): 0.0}
+
+
+def test_reward_space_figures_are_absent_until_known_and_replaced_as_a_whole() -> None:
+    m = RelexdMetrics(process_metrics=False)
+    fams = families(m)
+    for name in ("relexd_checkpoint_eval_score", "relexd_preview_realized_gain_share", "relexd_preview_lead"):
+        assert fams[name].samples == [], name  # discoverable from the start (HELP/TYPE), no value
+    m.set_eval_figures(
+        checkpoint=(40, 0.45),
+        realized={"2x": (None, 0.1), "6x": (-0.5, -0.2)},  # 2x: training gained nothing → no share
+        leads={"ahead:2x": (0.05, 4, "2x")},
+    )
+    get = m.registry.get_sample_value
+    assert get("relexd_checkpoint_eval_score") == 0.45 and get("relexd_checkpoint_eval_step") == 40
+    assert get("relexd_preview_realized_gain_share", {"horizon": "2x"}) is None
+    assert get("relexd_preview_realized_advantage", {"horizon": "2x"}) == 0.1
+    assert get("relexd_preview_realized_gain_share", {"horizon": "6x"}) == -0.5
+    assert get("relexd_preview_lead", {"target": "ahead:2x"}) == 0.05
+    assert get("relexd_preview_lead_streak", {"target": "ahead:2x", "horizon": "2x"}) == 4
+    m.set_eval_figures(checkpoint=None, realized={}, leads={})
+    assert (
+        get("relexd_checkpoint_eval_score") is None
+        and get("relexd_preview_lead", {"target": "ahead:2x"}) is None
+    )
+    m.count_evaluation("preview", "no_score")
+    m.count_evaluation("checkpoint", "gone")
+    assert get("relexd_evaluations_total", {"kind": "preview", "outcome": "no_score"}) == 1
+    assert get("relexd_preview_hook_failures_total") == 1  # a deleted checkpoint is not a hook failure
