@@ -93,8 +93,11 @@ def horizon_text(h: float) -> str:
 class EvalLedger:
     """The ledger file of one state directory; thread-safe (worker schedules, hook thread finishes)."""
 
-    def __init__(self, state_dir: Path, horizons: Sequence[float]) -> None:
+    def __init__(self, state_dir: Path, horizons: Sequence[float], *, read_only: bool = False) -> None:
+        """``read_only``: for readers beside the daemon (``relexd status``, the demo) — an
+        unreadable file raises ValueError instead of being moved aside, and nothing is written."""
         self.path = state_dir / LEDGER_FILE
+        self.read_only = read_only
         self.horizons = tuple(horizons)
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, Any]] = {}  # key → record, in insertion order
@@ -102,6 +105,8 @@ class EvalLedger:
         try:
             doc = read_ledger(state_dir)
         except ValueError as exc:
+            if read_only:
+                raise
             # unreadable (a foreign or damaged file): keep it for inspection, say so, start afresh
             aside = self.path.with_name(f"{LEDGER_FILE}.unreadable-{int(time.time())}")
             try:
@@ -111,9 +116,11 @@ class EvalLedger:
                 log.error("cannot move the unreadable evaluation ledger aside", error=str(move))
             log.error("evaluation ledger unreadable; starting a new one", error=str(exc), kept_at=str(aside))
             doc = None
+        self._last_refresh: int | None = None
         if doc is not None:
             for rec in doc.get("records", []):
                 self._records[rec["key"]] = rec
+            self._last_refresh = doc.get("last_evaluated_refresh")
 
     # -- scheduling (worker thread) ----------------------------------------------------------
 
@@ -156,6 +163,23 @@ class EvalLedger:
             self._score_realized()
             self._save()
             return jobs
+
+    def due(self, refresh: int, every: int) -> bool:
+        """Whether preview refresh number ``refresh`` is evaluated with ``--eval-every every``:
+        the first refresh, then the first one in each later block of ``every`` (a daemon that
+        ingests several checkpoints before one refresh skips refresh numbers; it still evaluates
+        as soon as it enters a new block), and the one being evaluated for each of its targets.
+        The last evaluated refresh is kept in the ledger, so a restart agrees with a daemon that
+        never stopped (and finishes a refresh it was killed in)."""
+        with self._lock:
+            last = self._last_refresh
+        return last is None or refresh == last or refresh // every > last // every
+
+    def mark_evaluated(self, refresh: int) -> None:
+        with self._lock:
+            if self._last_refresh != refresh:
+                self._last_refresh = refresh
+                self._save()
 
     def unfinished(self) -> list[EvalJob]:
         """Jobs recorded as pending: a previous process queued them and did not record a result."""
@@ -283,6 +307,8 @@ class EvalLedger:
             }
 
     def _save(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self.path}: opened read-only")
         records = list(self._records.values())
         if len(records) > MAX_RECORDS:
             # never drop a job still to run: its result must have a place to go
@@ -296,7 +322,8 @@ class EvalLedger:
             self._records = {r["key"]: r for r in kept}
             records = kept
         try:
-            write_json_atomic(self.path, {"format": FORMAT, "records": records})
+            doc = {"format": FORMAT, "last_evaluated_refresh": self._last_refresh, "records": records}
+            write_json_atomic(self.path, doc)
         except OSError as exc:
             # disk full, permission: the records stay in memory and the next save writes them; a
             # kill before then loses what is not on disk — said here, never silently

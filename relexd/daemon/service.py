@@ -618,12 +618,9 @@ class WatchService:
             for job in self.evaluations.after_ingest(step, path):
                 self.hook.submit(job)
 
-    def eval_due(self) -> bool:
-        """Whether this refresh's previews are evaluated: every ``--eval-every``-th refresh, counted
-        from the observed checkpoints (like the refreshes themselves), so a restart agrees."""
+    def _refresh_number(self) -> int:
         assert self.engine is not None
-        refresh = (len(self.engine.steps) - 1) // self.settings.preview_every
-        return refresh % self.settings.eval_every == 0
+        return (len(self.engine.steps) - 1) // self.settings.preview_every
 
     def _evaluate_preview(self, target: pv.Target, path: Path) -> None:
         engine = self.engine
@@ -631,8 +628,12 @@ class WatchService:
             return
         made_from = engine.steps[-1]
         key = EvalJob("preview", target.step, path, target.label, made_from).key
-        if not self.eval_due() or key in {r["key"] for r in self.evaluations.records()}:
-            return  # not due, or this very preview (rewritten after a crash) is already scored
+        refresh = self._refresh_number()
+        if not self.evaluations.due(refresh, self.settings.eval_every):
+            return
+        self.evaluations.mark_evaluated(refresh)  # every target written in this refresh is evaluated
+        if key in {r["key"] for r in self.evaluations.records()}:
+            return  # this very preview (rewritten after a crash) is already scored
         checkpoint = self._checkpoint_paths.get(made_from)
         last_source = engine.snapshot.meta.get("last_source")
         if checkpoint is None and last_source:

@@ -67,13 +67,13 @@ RECENT_EVALUATIONS = 12
 
 def _evaluations(state_dir: Path, horizons: list[float]) -> dict[str, Any]:
     """The evaluation ledger's figures and newest records (empty when there is none)."""
+    empty: dict[str, Any] = {"checkpoint": None, "recent": [], "realized": {}, "leads": {}}
     try:
         if read_evaluations(state_dir) is None:
-            return {"figures": None, "recent": [], "realized": {}, "leads": {}}
+            return empty
+        ledger = EvalLedger(state_dir, tuple(horizons), read_only=True)
     except ValueError as exc:
-        return {"error": str(exc), "figures": None, "recent": [], "realized": {}, "leads": {}}
-    # read-only use of the ledger: EvalLedger only writes when asked to schedule or record
-    ledger = EvalLedger(state_dir, tuple(horizons))
+        return empty | {"error": str(exc)}
     fig = ledger.figures()
     return {
         "checkpoint": {"step": fig.checkpoint_step, "score": fig.checkpoint_score},

@@ -41,6 +41,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from relexd.daemon.evaluations import EvalFigures, EvalLedger
 from relexd.demo import bases, train
 from relexd.demo.evaluate import Score, score_checkpoint
 from relexd.engine.preview import MANIFEST
@@ -51,6 +52,54 @@ HORIZONS: tuple[int, ...] = (2, 3, 6)
 DEFAULT_OBSERVE_FRACTION = 0.15
 #: Longest wait for the daemon to catch up (at the capture step and at the end), seconds.
 DAEMON_WAIT_S = 120.0
+#: Longest wait for the daemon's evaluation queue to run dry (at the capture step, at the end).
+EVAL_WAIT_S = 300.0
+#: Evaluated preview refreshes before the capture step (``--eval-every`` = observed steps / this):
+#: enough for a streak of leads and for realized validation at every horizon, few enough that the
+#: hook (an interpreter start and 1024 held-out prompts, ~2.7 s here) keeps up with the trainer.
+EVALS_BEFORE_CAPTURE = 8
+#: Evaluated preview refreshes after the capture step: training's own checkpoints reaching the
+#: captured previews' targets are evaluated whatever the cadence (they validate those previews).
+EVALS_AFTER_CAPTURE = 4
+#: Consecutive positive leads RelexPreviewAhead asks for (deploy/prometheus/relexd-alerts.yml).
+AHEAD_STREAK = 3
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What relexd said at the capture step about the preview of one horizon: "trust" or not."""
+
+    skill: float | None  # weight-space forecast skill at this horizon
+    realized_advantage: float | None  # reward-space validation of earlier previews at it
+    lead: float | None
+    streak: int
+
+    @property
+    def skill_says_trust(self) -> bool:
+        return self.skill is not None and self.skill >= 0
+
+    @property
+    def realized_says_trust(self) -> bool:
+        return self.realized_advantage is not None and self.realized_advantage > 0
+
+    @property
+    def ahead_fires(self) -> bool:
+        """RelexPreviewAhead's condition, as the alert rule states it."""
+        return self.streak >= AHEAD_STREAK and self.realized_says_trust
+
+
+def signals(view: DaemonView, horizon: int) -> Signals:
+    label, target = f"{horizon}x", f"ahead:{horizon}x"
+    ev = view.evaluations
+    realized = ev.realized.get(label) if ev else None
+    lead = ev.leads.get(target) if ev else None
+    streak = lead[1] if lead is not None and lead[2] == label else 0
+    return Signals(
+        view.skills.get(label),
+        None if realized is None else realized[1],
+        None if lead is None else lead[0],
+        streak,
+    )
 
 
 class DemoError(RuntimeError):
@@ -66,10 +115,14 @@ class DaemonView:
     energy: float | None = None
     r2: float | None = None
     drift: float | None = None
-    skill: float | None = None
+    skill: float | None = None  # at the 2x horizon
     skill_ratio: float | None = None
+    #: forecast skill per horizon label ("2x", "3x", "6x")
+    skills: dict[str, float] = field(default_factory=dict)
     previews_written: int = 0
     metrics_up: bool = False
+    #: relexd's reward-space figures from its evaluation ledger (None: nothing evaluated yet)
+    evaluations: EvalFigures | None = None
 
 
 @dataclass
@@ -95,6 +148,15 @@ class DemoResult:
     reward_first: float
     reward_last: float
 
+    def signals_at_capture(self) -> list[Signals]:
+        """Per row (horizon), what relexd said when the previews were made."""
+        return [signals(self.at_capture, h) for h, _, _, _ in self.rows]
+
+    def preview_won(self) -> list[bool]:
+        """Per row: did the preview score better than the last observed checkpoint?"""
+        last = self.observed_score.expected_reward
+        return [p.expected_reward > last for _, _, p, _ in self.rows]
+
     def recovered_shares(self) -> list[float | None]:
         """Per row, :func:`recovered_share` of the preview's expected reward (None if not trained)."""
         last = self.observed_score.expected_reward
@@ -114,7 +176,15 @@ def free_port() -> int:
 class Daemon:
     """``python -m relexd watch`` as a child process, observed only through its public surfaces."""
 
-    def __init__(self, run_dir: Path, base: Path, state_dir: Path, preview_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        base: Path,
+        state_dir: Path,
+        preview_dir: Path,
+        log_path: Path,
+        eval_every: int = 1,
+    ) -> None:
         self.state_dir = state_dir
         self.preview_dir = preview_dir
         self.port = free_port()
@@ -125,7 +195,10 @@ class Daemon:
             "--state-dir", str(state_dir),
             "--preview-dir", str(preview_dir),
             "--preview-ahead", ",".join(str(h) for h in HORIZONS),
-            "--horizon", "2",
+            # horizons default to the preview ratios: a 6x preview gets a 6x forecast skill.
+            # The demo's scorer is the evaluation command, as lm-eval would be for a real model.
+            "--eval", f"{sys.executable} -m relexd.demo.score {{path}}",
+            "--eval-every", str(eval_every),
             "--listen", f"127.0.0.1:{self.port}",
             # A checkpoint lands every fraction of a second; the default 2 s quiet time would make
             # the daemon wait for a pause that never comes.
@@ -156,7 +229,7 @@ class Daemon:
             view.metrics_up = True
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
-                    _apply_sample(view, sample.name, sample.value)
+                    _apply_sample(view, sample.name, sample.value, sample.labels)
         except OSError:
             pass
         try:
@@ -172,9 +245,35 @@ class Daemon:
             view.r2 = view.r2 if view.r2 is not None else figures.get("fit_r2")
             view.drift = view.drift if view.drift is not None else figures.get("direction_drift")
             for f in meta.get("forecasts", []):
-                if view.skill is None and f.get("skill") is not None:
-                    view.skill, view.skill_ratio = f["skill"], f.get("ratio")
+                if f.get("skill") is not None:
+                    view.skills.setdefault(f["horizon"], f["skill"])
+                    if view.skill is None and f["horizon"] == "2x":
+                        view.skill, view.skill_ratio = f["skill"], f.get("ratio")
+        view.evaluations = self.evaluations()
         return view
+
+    def evaluations(self) -> EvalFigures | None:
+        """The daemon's reward-space figures, read from its ledger (None before any)."""
+        try:
+            ledger = EvalLedger(self.state_dir, HORIZONS, read_only=True)
+        except (OSError, ValueError):
+            return None
+        return ledger.figures() if ledger.records() else None
+
+    def evaluations_pending(self) -> int:
+        try:
+            return len(EvalLedger(self.state_dir, HORIZONS, read_only=True).unfinished())
+        except (OSError, ValueError):
+            return 0
+
+    def wait_evaluations(self, timeout: float = EVAL_WAIT_S) -> None:
+        """Block until the daemon's evaluation queue has run dry."""
+        deadline = time.monotonic() + timeout
+        while self.evaluations_pending():
+            self.check()
+            if time.monotonic() > deadline:
+                raise DemoError(f"relexd's evaluations did not finish within {timeout:.0f} s")
+            time.sleep(0.1)
 
     def wait_for(
         self, step: int, targets: list[int] | None = None, timeout: float = DAEMON_WAIT_S
@@ -210,7 +309,7 @@ class Daemon:
         self._log.close()
 
 
-def _apply_sample(view: DaemonView, name: str, value: float) -> None:
+def _apply_sample(view: DaemonView, name: str, value: float, labels: dict[str, str]) -> None:
     if name == "relexd_last_checkpoint_step":
         view.observed_step = int(value)
     elif name == "relexd_observed_checkpoints":
@@ -221,9 +320,11 @@ def _apply_sample(view: DaemonView, name: str, value: float) -> None:
         view.r2 = value
     elif name == "relexd_direction_drift":
         view.drift = value
-    elif name == "relexd_forecast_skill":
-        view.skill = value
-    elif name == "relexd_forecast_horizon_ratio":
+    elif name == "relexd_forecast_skill" and "horizon" in labels:
+        view.skills[labels["horizon"]] = value
+        if labels["horizon"] == "2x":
+            view.skill = value
+    elif name == "relexd_forecast_horizon_ratio" and labels.get("horizon") == "2x":
         view.skill_ratio = value
     elif name == "relexd_previews_written_total":
         view.previews_written = int(value)
@@ -318,21 +419,27 @@ def run_demo(
         how = f"by {sft_steps} supervised steps" if source is bases.BaseSource.TRAINED else source.value
         progress.event(f"base model θ₀ ready ({how}) in {time.perf_counter() - t0:.1f} s: {base}")
 
-        daemon = Daemon(run_dir, base, state_dir, preview_dir, workdir / "relexd-watch.log")
+        every_before = max(1, observe // EVALS_BEFORE_CAPTURE)
+        every_after = max(1, (steps - observe) // EVALS_AFTER_CAPTURE)
+        daemon = Daemon(run_dir, base, state_dir, preview_dir, workdir / "relexd-watch.log", every_before)
         progress.event(
-            f"relexd watch running (pid {daemon.proc.pid}, metrics http://127.0.0.1:{daemon.port}/metrics)"
+            f"relexd watch running (pid {daemon.proc.pid}, metrics http://127.0.0.1:{daemon.port}/metrics, "
+            f"evaluating every {every_before} steps' previews with python -m relexd.demo.score)"
         )
         capture: Capture | None = None
         try:
 
             def on_step(info: train.StepInfo) -> None:
-                nonlocal capture
+                nonlocal capture, daemon
                 daemon.check()
                 progress.update(info.step, info.mean_reward, daemon.poll())
                 if info.step == observe:
                     targets = [h * observe for h in HORIZONS]
                     progress.event(f"step {observe} reached: waiting for relexd's previews made from it")
-                    view = daemon.wait_for(observe, targets)
+                    daemon.wait_for(observe, targets)
+                    progress.event("waiting for relexd's evaluations of the observed steps")
+                    daemon.wait_evaluations()
+                    view = daemon.poll()
                     capture = Capture(observe, view)
                     captured_dir.mkdir(parents=True, exist_ok=True)
                     for t in targets:
@@ -343,6 +450,12 @@ def run_demo(
                         f"captured relexd's previews of steps {', '.join(map(str, targets))} made from "
                         f"steps 1…{observe} only (energy {_f(view.energy)}, R² {_f(view.r2)}, "
                         f"skill {_f(view.skill, '+.3f')})"
+                    )
+                    # the rest of the run needs fewer evaluations: restart the daemon (its state
+                    # and evaluation ledger carry over) with a sparser --eval-every
+                    daemon.stop()
+                    daemon = Daemon(
+                        run_dir, base, state_dir, preview_dir, workdir / "relexd-watch-2.log", every_after
                     )
 
             summary = train.train_run(
@@ -355,7 +468,9 @@ def run_demo(
                 on_step=on_step,
             )
             progress.event(f"training done: {steps} steps in {summary.rl_seconds:.1f} s; waiting for relexd")
-            end_view = daemon.wait_for(steps)
+            daemon.wait_for(steps)
+            daemon.wait_evaluations()
+            end_view = daemon.poll()
             progress.update(steps, summary.mean_rewards[-1], end_view)
         finally:
             daemon.stop()
@@ -437,7 +552,32 @@ def print_result(result: DemoResult, console: Console) -> None:
         f"{_f(e.skill, '+.3f')}",
         highlight=False,
     )
+    console.print(_signals_table(result))
     console.print(verdict(result), highlight=False)
+
+
+def _signals_table(result: DemoResult) -> Table:
+    """relexd's own reward-space figures (from its --eval ledger), at capture and at the end."""
+    k = result.observed_step
+    table = Table(title=f"what relexd said at step {k} (its --eval ledger), and what happened")
+    for col in ("horizon", f"skill at {k}", f"realized advantage at {k}", f"lead at {k} (in a row)",
+                "RelexPreviewAhead", "realized share at end", "preview beat the last observed"):  # fmt: skip
+        table.add_column(col, justify="right")
+    end = result.at_end.evaluations
+    for (h, _, _, _), sig, won in zip(
+        result.rows, result.signals_at_capture(), result.preview_won(), strict=True
+    ):
+        real_end = end.realized.get(f"{h}x") if end else None
+        table.add_row(
+            f"{h}×",
+            _f(sig.skill, "+.3f"),
+            _f(sig.realized_advantage, "+.4f"),
+            _f(sig.lead, "+.4f") + f" ({sig.streak})",
+            "would fire" if sig.ahead_fires else "quiet",
+            "—" if real_end is None or real_end[0] is None else f"{100 * real_end[0]:+.0f} %",
+            "yes" if won else "no",
+        )
+    return table
 
 
 def verdict(result: DemoResult) -> str:

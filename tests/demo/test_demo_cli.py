@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,14 @@ def test_demo_runs_non_interactively_and_prints_the_table(tmp_path: Path) -> Non
     assert "forecast skill" in out
     assert (keep / "run" / "checkpoint-12" / "trainer_state.json").is_file()
     assert "\x1b[" not in out  # no TTY: plain lines, no live-view escape codes
+    # the daemon scored previews and checkpoints through --eval (python -m relexd.demo.score)
+    ledger = json.loads((keep / "relexd-state" / "evaluations.json").read_text())
+    status = {r["key"]: r["status"] for r in ledger["records"]}
+    done = {key.split(":")[0] for key, st in status.items() if st == "done"}
+    assert done == {"checkpoint", "preview"}, status
+    assert "pending" not in status.values() and "failed" not in status.values(), status
+    assert any("realized" in r for r in ledger["records"])  # training passed a preview's target: validated
+    assert "what relexd said at step 2" in out and ("quiet" in out or "would fire" in out)
 
 
 def test_recovered_share_and_verdict_state_what_the_numbers_show() -> None:
