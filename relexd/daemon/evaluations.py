@@ -45,6 +45,10 @@ FORMAT = 1
 MAX_RECORDS = 512
 #: Preview evaluations per target that the streak and the status look back over.
 STREAK_WINDOW = 32
+#: A preview counts for a horizon when its τ / a is within this factor of it: an ``--preview-ahead``
+#: preview always is (τ = round(h·a)); a ``--preview-at`` one only while its ratio is near one
+#: (a 33× preview is not evidence about 6× previews).
+HORIZON_TOLERANCE = 1.25
 
 KINDS = ("preview", "checkpoint")
 FINAL = ("done", "failed", "gone", "superseded")
@@ -223,8 +227,8 @@ class EvalLedger:
             for r in self._records.values():
                 if r["kind"] != "preview":
                     continue
-                if r.get("realized") is not None:
-                    real = r["realized"]
+                real = r.get("realized")
+                if real is not None and _near(real["ratio"], real["horizon"]):
                     label = horizon_text(real["horizon"])
                     if label not in realized_by_h or r["made_from"] >= realized_by_h[label][0]:
                         realized_by_h[label] = (r["made_from"], real["gain_share"], real["advantage"])
@@ -239,7 +243,9 @@ class EvalLedger:
                 if newest is not None:
                     lead = last["score"] - newest["score"]
                     streak = lead_streak([r["lead"] for r in recs if r.get("lead") is not None])
-                    label = horizon_text(self._horizon(last))
+                    ratio = last["step"] / max(last["made_from"], 1)
+                    h = nearest_horizon(ratio, self.horizons)
+                    label = horizon_text(h) if _near(ratio, h) else ""  # "": matches no horizon
                     leads[target] = (lead, streak if lead > 0 else 0, label)
             return EvalFigures(
                 newest["score"] if newest else None,
@@ -277,9 +283,6 @@ class EvalLedger:
             if r["kind"] == "checkpoint" and r["status"] == "done" and r.get("score") is not None
         ]
         return max(done, key=lambda r: r["step"]) if done else None
-
-    def _horizon(self, rec: dict[str, Any]) -> float:
-        return nearest_horizon(rec["step"] / max(rec["made_from"], 1), self.horizons)
 
     def _score_realized(self) -> None:
         """Fill in the realized validation of every preview whose three scores are known."""
@@ -331,6 +334,10 @@ class EvalLedger:
             log.error(
                 "cannot write the evaluation ledger; kept in memory", path=str(self.path), error=str(exc)
             )
+
+
+def _near(ratio: float, horizon: float) -> bool:
+    return 1 / HORIZON_TOLERANCE <= ratio / horizon <= HORIZON_TOLERANCE
 
 
 def _job(rec: dict[str, Any]) -> EvalJob:

@@ -55,9 +55,12 @@ DAEMON_WAIT_S = 120.0
 #: Longest wait for the daemon's evaluation queue to run dry (at the capture step, at the end).
 EVAL_WAIT_S = 300.0
 #: Evaluated preview refreshes before the capture step (``--eval-every`` = observed steps / this):
-#: enough for a streak of leads and for realized validation at every horizon, few enough that the
-#: hook (an interpreter start and 1024 held-out prompts, ~2.7 s here) keeps up with the trainer.
-EVALS_BEFORE_CAPTURE = 8
+#: enough for a streak of leads and for realized validation at every horizon. The demo's trainer
+#: takes ~0.4 s a step and the hook ~2.7 s an evaluation (an interpreter start, 1024 prompts), so
+#: before the capture step training waits for each due evaluation, as if evaluation kept pace
+#: with training (in a real run one sets --eval-every so that it does); otherwise newer previews
+#: would keep superseding the queued ones and nothing would be evaluated before step K.
+EVALS_BEFORE_CAPTURE = 5
 #: Evaluated preview refreshes after the capture step: training's own checkpoints reaching the
 #: captured previews' targets are evaluated whatever the cadence (they validate those previews).
 EVALS_AFTER_CAPTURE = 4
@@ -266,6 +269,26 @@ class Daemon:
         except (OSError, ValueError):
             return 0
 
+    def wait_evaluated(self, made_from: int, targets: list[int], timeout: float = EVAL_WAIT_S) -> None:
+        """Block until the previews of ``targets`` made from ``made_from`` have been evaluated
+        (and nothing else is pending)."""
+        keys = {f"preview:{t}@{made_from}" for t in targets}
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check()
+            try:
+                records = EvalLedger(self.state_dir, HORIZONS, read_only=True).records()
+            except (OSError, ValueError):
+                records = []
+            status = {r["key"]: r["status"] for r in records}
+            if keys <= status.keys() and "pending" not in status.values():
+                return
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"relexd's evaluations of step {made_from} did not finish within {timeout:.0f} s"
+                )
+            time.sleep(0.05)
+
     def wait_evaluations(self, timeout: float = EVAL_WAIT_S) -> None:
         """Block until the daemon's evaluation queue has run dry."""
         deadline = time.monotonic() + timeout
@@ -433,6 +456,13 @@ def run_demo(
                 nonlocal capture, daemon
                 daemon.check()
                 progress.update(info.step, info.mean_reward, daemon.poll())
+                if info.step < observe:
+                    # lockstep over the observed prefix: one preview refresh per step, so refresh
+                    # number step − 1 is evaluated when it is a multiple of --eval-every
+                    targets = [h * info.step for h in HORIZONS]
+                    daemon.wait_for(info.step, targets)
+                    if (info.step - 1) % every_before == 0:
+                        daemon.wait_evaluated(info.step, targets)
                 if info.step == observe:
                     targets = [h * observe for h in HORIZONS]
                     progress.event(f"step {observe} reached: waiting for relexd's previews made from it")

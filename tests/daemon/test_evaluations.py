@@ -270,3 +270,19 @@ def test_ledger_keeps_a_bounded_history_and_moves_an_unreadable_file_aside(
     fresh = EvalLedger(tmp_path, (2.0,))
     assert fresh.records() == []
     assert list(tmp_path.glob(LEDGER_FILE + ".unreadable-*"))
+
+
+def test_a_preview_far_from_every_horizon_is_no_evidence_for_one(tmp_path: Path) -> None:
+    """--preview-at 1000 made from step 30 is a 33x preview: recorded and validated in the ledger,
+    but published neither as the 6x realized figure nor with a horizon the alert could match."""
+    ledger = EvalLedger(tmp_path, (2.0, 6.0))
+    ckpt, preview = ledger.after_preview("at:1000", 1000, 30, tmp_path, tmp_path)
+    ledger.finish(ckpt, "done", 0.2)
+    ledger.finish(preview, "done", 0.5)
+    (reached,) = ledger.after_ingest(1000, tmp_path)
+    ledger.finish(reached, "done", 0.4)
+    rec = next(r for r in ledger.records() if r["key"] == "preview:1000@30")
+    assert rec["realized"]["gain_share"] == pytest.approx(1.5)  # (0.5 − 0.2) / (0.4 − 0.2)
+    fig = ledger.figures()
+    assert fig.realized == {}
+    assert fig.leads["at:1000"] == (pytest.approx(0.1), 1, "")
