@@ -3,7 +3,9 @@
 ``python -m bench.run_all --quick`` (small shapes, a few minutes), ``python -m bench.run_all``
 (0.5B shapes, the configurations of bench/README.md) or ``… --large`` (adds the 1.5B-shaped ingest).
 ``--only ingest preview`` runs a subset; ``formats`` compares the checkpoint formats; ``demo`` is
-the demo's extrapolation table (5 demo runs, ~8 min, or 2 with ``--quick``). Benchmarks run one
+the demo's extrapolation table (5 demo runs, ~8 min, or 2 with ``--quick``); ``trust`` which of
+relexd's signals said "trust" when a preview lost, over 4 learning rates × 3 seeds (~40 min; 2 runs
+with ``--quick``). Benchmarks run one
 after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
 """
 
@@ -18,7 +20,7 @@ from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
 from relexd.engine.config import DEFAULT_RANK, available_cores
 
-BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo")
+BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -110,6 +112,16 @@ def main() -> None:
         t0 = time.perf_counter()
         configs = demo_table.QUICK if args.quick else demo_table.FULL
         save("demo", demo_table.report(demo_table.run(configs)), time.perf_counter() - t0)
+    if "trust" in args.only:
+        from bench import demo_trust
+
+        t0 = time.perf_counter()
+        lrs, seeds = (
+            ((demo_trust.LRS[0], demo_trust.LRS[-1]), (0,))
+            if args.quick
+            else (demo_trust.LRS, demo_trust.SEEDS)
+        )
+        save("demo-trust", demo_trust.report(demo_trust.run(lrs, seeds)), time.perf_counter() - t0)
     print(f"\nall done in {time.perf_counter() - started:.0f} s", flush=True)
 
 

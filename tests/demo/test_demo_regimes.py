@@ -54,6 +54,9 @@ def test_default_demo_previews_beat_the_last_observed_checkpoint(tmp_path: Path,
         floor = 0.6 if target <= 3 * result.observed_step else 0.0
         assert share is not None and share > floor, (target, preview, trained, last)
     assert result.at_capture.skill is not None and result.at_capture.skill > 0
+    # through the real --eval hook: at 2x the preview's lead held over the observed prefix and its
+    # realized validation was positive, so RelexPreviewAhead would have fired (bench/README.md)
+    assert result.signals_at_capture()[0].ahead_fires
 
 
 @pytest.mark.slow
@@ -64,3 +67,4 @@ def test_collapse_lr_turns_the_skill_negative_and_previews_fail(tmp_path: Path, 
     # relexd warned already when the previews were made, and more loudly at the end.
     assert result.at_capture.skill is not None and result.at_capture.skill < 0
     assert result.at_end.skill is not None and result.at_end.skill < result.at_capture.skill
+    assert not any(sig.ahead_fires for sig in result.signals_at_capture())  # nothing says "take it"
