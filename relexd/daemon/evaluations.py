@@ -51,6 +51,8 @@ STREAK_WINDOW = 32
 HORIZON_TOLERANCE = 1.25
 
 KINDS = ("preview", "checkpoint")
+#: fields every record has (a record without them is skipped on load, and said)
+REQUIRED = frozenset({"key", "kind", "step", "target", "made_from", "path", "status"})
 FINAL = ("done", "failed", "gone", "superseded")
 
 
@@ -122,9 +124,20 @@ class EvalLedger:
             doc = None
         self._last_refresh: int | None = None
         if doc is not None:
-            for rec in doc.get("records", []):
-                self._records[rec["key"]] = rec
-            self._last_refresh = doc.get("last_evaluated_refresh")
+            malformed = 0
+            for rec in doc["records"]:
+                if isinstance(rec, dict) and rec.keys() >= REQUIRED:
+                    self._records[rec["key"]] = rec
+                else:
+                    malformed += 1
+            if malformed:
+                log.error(
+                    "evaluation ledger records without their fields skipped",
+                    path=str(self.path),
+                    count=malformed,
+                )
+            last = doc.get("last_evaluated_refresh")
+            self._last_refresh = last if isinstance(last, int) else None
 
     # -- scheduling (worker thread) ----------------------------------------------------------
 

@@ -286,3 +286,10 @@ def test_a_preview_far_from_every_horizon_is_no_evidence_for_one(tmp_path: Path)
     fig = ledger.figures()
     assert fig.realized == {}
     assert fig.leads["at:1000"] == (pytest.approx(0.1), 1, "")
+
+
+def test_malformed_records_are_skipped_not_fatal(tmp_path: Path) -> None:
+    doc = {"format": 1, "last_evaluated_refresh": "x", "records": [{"key": "preview:2@1"}, 7]}
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(doc))
+    ledger = EvalLedger(tmp_path, (2.0,))
+    assert ledger.records() == [] and ledger.due(0, 1)
