@@ -16,6 +16,12 @@ At the end every preview, the truly trained checkpoint at the same step and the 
 checkpoint K are scored on held-out prompts with the training reward's exact expectation (and greedy
 accuracy; :func:`relexd.demo.evaluate.score_checkpoint`), next to the forecast skill the daemon
 reported.
+
+The daemon also scores previews and checkpoints itself, through ``--eval 'python -m
+relexd.demo.score {path}'`` — the path a user takes with lm-eval. Over the observed prefix training
+runs in lockstep with it (see :data:`EVALS_BEFORE_CAPTURE`), and the final table adds what relexd's
+evaluation ledger said at step K per horizon: realized advantage, lead streak, and whether
+``RelexPreviewAhead`` would have fired.
 """
 
 from __future__ import annotations

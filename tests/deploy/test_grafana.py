@@ -119,7 +119,10 @@ def test_threshold_lines_match_alert_thresholds() -> None:
     assert steps("Rank-1 energy ratio and R²") == [0.85] and "< 0.85" in alerts
     assert steps("Direction drift") == [0.05] and "relexd_direction_drift > 0.05" in alerts
     assert steps("Time since last checkpoint") == [1800] and "+ 1800" in alerts
-    assert steps("Preview lead over training") == [0] and "relexd_preview_lead_streak >= 3" in alerts
+    from relexd.demo.cli import AHEAD_STREAK  # the demo and the bench judge the alert's condition
+
+    streak = f"relexd_preview_lead_streak >= {AHEAD_STREAK}"
+    assert steps("Preview lead over training") == [0] and streak in alerts
     assert (
         steps("Realized validation per horizon") == [0] and "relexd_preview_realized_advantage > 0" in alerts
     )
