@@ -19,19 +19,15 @@ trusted.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
+from bench import demo_table
 from bench.common import markdown_table
 from relexd.demo import train
-from relexd.demo.cli import Signals, run_demo
+from relexd.demo.cli import Signals
 
 LRS = (train.DEFAULT_LR, 3e-5, 1e-4, train.COLLAPSE_LR)
 SEEDS = (0, 1, 2)
@@ -43,45 +39,32 @@ SIGNALS = (
 
 
 def run(lrs: tuple[float, ...], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """One demo per (lr, seed); one record per horizon."""
+    """One demo per (lr, seed) (:func:`bench.demo_table.run`); one record per horizon."""
     records = []
-    for lr in lrs:
-        for seed in seeds:
-            with tempfile.TemporaryDirectory(prefix="relexd-bench-trust-") as tmp:
-                t0 = time.perf_counter()
-                r = run_demo(
-                    Path(tmp),
-                    lr=lr,
-                    steps=train.DEFAULT_STEPS,
-                    seed=seed,
-                    observe_fraction=0.15,
-                    console=Console(file=io.StringIO()),
-                )
-                seconds = time.perf_counter() - t0
-            last = r.observed_score.expected_reward
-            end = r.at_end.evaluations
-            for (h, target, preview, trained), sig, share, won in zip(
-                r.rows, r.signals_at_capture(), r.recovered_shares(), r.preview_won(), strict=True
-            ):
-                real_end = end.realized.get(f"{h}x") if end else None
-                records.append(
-                    {
-                        "lr": lr,
-                        "seed": seed,
-                        "horizon": h,
-                        "capture": r.observed_step,
-                        "target": target,
-                        "preview": preview.expected_reward,
-                        "trained": None if trained is None else trained.expected_reward,
-                        "last_observed": last,
-                        "gain_recovered": share,
-                        "won": won,
-                        "signals": asdict(sig),
-                        "relexd_realized_share_at_end": None if real_end is None else real_end[0],
-                        "wall_s": seconds,
-                    }
-                )
-            print(f"lr {lr:g} seed {seed}: {seconds:.0f} s", flush=True)
+    for lr, seed, r, seconds in demo_table.run(tuple((lr, seed) for lr in lrs for seed in seeds)):
+        last = r.observed_score.expected_reward
+        end = r.at_end.evaluations
+        for (h, target, preview, trained), sig, share, won in zip(
+            r.rows, r.signals_at_capture(), r.recovered_shares(), r.preview_won(), strict=True
+        ):
+            real_end = end.realized.get(f"{h}x") if end else None
+            records.append(
+                {
+                    "lr": lr,
+                    "seed": seed,
+                    "horizon": h,
+                    "capture": r.observed_step,
+                    "target": target,
+                    "preview": preview.expected_reward,
+                    "trained": None if trained is None else trained.expected_reward,
+                    "last_observed": last,
+                    "gain_recovered": share,
+                    "won": won,
+                    "signals": asdict(sig),
+                    "relexd_realized_share_at_end": None if real_end is None else real_end[0],
+                    "wall_s": seconds,
+                }
+            )
     return records
 
 

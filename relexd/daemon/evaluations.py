@@ -268,6 +268,11 @@ class EvalLedger:
                 scores,
             )
 
+    def has(self, key: str) -> bool:
+        """Whether a job with this key is recorded (in any status)."""
+        with self._lock:
+            return key in self._records
+
     def records(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(r) for r in self._records.values()]
@@ -289,21 +294,19 @@ class EvalLedger:
         self._records[job.key] = rec
         return rec
 
-    def _newest_checkpoint(self) -> dict[str, Any] | None:
-        done = [
+    def _scored_checkpoints(self) -> list[dict[str, Any]]:
+        return [
             r
             for r in self._records.values()
             if r["kind"] == "checkpoint" and r["status"] == "done" and r.get("score") is not None
         ]
-        return max(done, key=lambda r: r["step"]) if done else None
+
+    def _newest_checkpoint(self) -> dict[str, Any] | None:
+        return max(self._scored_checkpoints(), key=lambda r: r["step"], default=None)
 
     def _score_realized(self) -> None:
         """Fill in the realized validation of every preview whose three scores are known."""
-        scores = {
-            r["step"]: r["score"]
-            for r in self._records.values()
-            if r["kind"] == "checkpoint" and r["status"] == "done" and r.get("score") is not None
-        }
+        scores = {r["step"]: r["score"] for r in self._scored_checkpoints()}
         for r in self._records.values():
             if r["kind"] != "preview" or r.get("realized") is not None or r.get("reached_by") is None:
                 continue

@@ -632,7 +632,7 @@ class WatchService:
         if not self.evaluations.due(refresh, self.settings.eval_every):
             return
         self.evaluations.mark_evaluated(refresh)  # every target written in this refresh is evaluated
-        if key in {r["key"] for r in self.evaluations.records()}:
+        if self.evaluations.has(key):
             return  # this very preview (rewritten after a crash) is already scored
         checkpoint = self._checkpoint_paths.get(made_from)
         last_source = engine.snapshot.meta.get("last_source")
