@@ -15,7 +15,8 @@ Threads and who does what:
   is asked to score and what the scores mean is kept in the evaluation ledger
   (:mod:`relexd.daemon.evaluations`).
 * the **main thread** handles signals, systemd notifications and the watchdog ping, pinging only
-  while the other threads are alive.
+  while the other threads are alive and none of them has stalled (:mod:`relexd.daemon.liveness`:
+  a thread stuck in a read of a hung file system is alive but makes no progress).
 
 A checkpoint with a trainer marker is read as soon as the marker appears (no global debounce:
 a trainer that writes every second would never let the run directory go quiet). What relexd did
@@ -49,6 +50,7 @@ from relexd.daemon.config import WatchSettings
 from relexd.daemon.evaluations import EvalJob, EvalLedger
 from relexd.daemon.hook import EvalHook, HookResult
 from relexd.daemon.intake import Intake, ScanNews, Waiting
+from relexd.daemon.liveness import Liveness
 from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
 from relexd.engine.config import available_cores
@@ -68,8 +70,6 @@ log = structlog.get_logger("relexd.daemon")
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 300.0
 #: Least time between two scans: a burst of file events costs one scan, not one each.
 SCAN_GAP_S = 0.05
-#: Waiting checkpoints at which relexd says it is falling behind the trainer.
-BEHIND_BACKLOG = 2
 #: File in the state directory telling ``relexd status`` where the daemon writes previews.
 DAEMON_FILE = "daemon.json"
 #: Where pinned checkpoints' views live (emptied on start: views never outlive the process).
@@ -103,6 +103,12 @@ class WatchService:
         self._previews_dirty = True  # check previews once at start (re-do after a crash)
         self._behind = False  # said that relexd is falling behind, not yet that it caught up
         self._threads: list[threading.Thread] = []
+        self.liveness = Liveness()
+        #: seconds without progress after which a loop counts as hung: the watchdog's timeout
+        #: (a hang then costs at most two timeouts before systemd restarts the daemon); None
+        #: outside a watchdog, where nothing would act on it
+        self.stall_limit: float | None = sdnotify.watchdog_interval()
+        self._stalled_said: set[str] = set()
         self._thread_error: BaseException | None = None
         self.intake: Intake | None = None
         self.ledger: MissedLedger | None = None
@@ -201,8 +207,11 @@ class WatchService:
             loops = [("relexd-scout", self._scout_loop), ("relexd-worker", self._worker_loop)]
             for name, loop in [("relexd-once", self._once_loop)] if s.once else loops:
                 thread = threading.Thread(target=self._guarded, args=(loop,), name=name, daemon=True)
+                self.liveness.beat(name)
                 thread.start()
                 self._threads.append(thread)
+            # the kernel's thread ids, for py-spy/gdb/top -H when a thread hangs
+            log.info("threads started", threads={t.name: t.native_id for t in self._threads})
             watchdog = sdnotify.Watchdog(healthy=self.healthy)
             ready_sent = False
             while not self.stop_event.is_set():
@@ -265,12 +274,56 @@ class WatchService:
         return True, "ready"
 
     def healthy(self) -> bool:
-        """Scout, worker, observer and scheduler all alive: what the systemd watchdog ping vouches for."""
+        """Scout, worker, observer and scheduler all alive, and no loop stalled for longer than
+        :attr:`stall_limit`: what the systemd watchdog ping vouches for."""
         if not self._threads or not all(t.is_alive() for t in self._threads):
+            return False
+        if self._stalled():
             return False
         if self.settings.once:
             return True
         return bool(self.watcher and self.watcher.alive() and self.scheduler and self.scheduler.running)
+
+    def _stalled(self) -> bool:
+        """Whether a loop made no progress within the stall limit; says so once per stall."""
+        if self.stall_limit is None:
+            return False
+        stalled = self.liveness.stalled(self.stall_limit)
+        for name in stalled.keys() - self._stalled_said:
+            log.error(
+                "thread made no progress; withholding watchdog pings so systemd restarts relexd",
+                thread=name,
+                silent_s=round(stalled[name], 1),
+                limit_s=self.stall_limit,
+            )
+        for name in self._stalled_said - stalled.keys():
+            log.info("thread progressing again", thread=name)
+        self._stalled_said = set(stalled)
+        return bool(stalled)
+
+    def _wait(self, event: threading.Event, seconds: float) -> bool:
+        """``event.wait(seconds)`` for a loop thread, beating for it at least four times per stall
+        limit so that an idle loop is not taken for a hung one."""
+        name = threading.current_thread().name
+        deadline = time.monotonic() + seconds
+        while True:
+            self.liveness.beat(name)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return event.is_set()
+            if event.wait(remaining if self.stall_limit is None else min(remaining, self.stall_limit / 4)):
+                return True
+
+    def _progress(self) -> Callable[[], bool]:
+        """A stop poll for long work the calling loop hands out (to the tensor pool, the preview
+        writer): each poll is a beat of that loop, whichever thread polls."""
+        loop = threading.current_thread().name
+
+        def poll() -> bool:
+            self.liveness.beat(loop)
+            return self.stop_event.is_set()
+
+        return poll
 
     # -- waking the scout ----------------------------------------------------------------------
 
@@ -296,6 +349,7 @@ class WatchService:
         """A thread's body: any exception is a bug, not bad input — stop, and let systemd restart us."""
         try:
             loop()
+            self.liveness.forget(threading.current_thread().name)
         except BaseException as exc:
             self._thread_error = exc
             log.exception("daemon thread crashed", thread=threading.current_thread().name)
@@ -315,7 +369,7 @@ class WatchService:
             if rescan is not None:
                 wait = min(wait, max(rescan, 0.2))
             if last:
-                self._scan_wake.wait(wait)
+                self._wait(self._scan_wake, wait)
             self._scan_wake.clear()
             gap = SCAN_GAP_S - (time.monotonic() - last)
             if gap > 0:
@@ -330,7 +384,7 @@ class WatchService:
             wait = self.settings.reconcile_interval
             if self._retry_at:
                 wait = max(0.05, self._retry_at - time.monotonic())
-            self._work_wake.wait(wait)
+            self._wait(self._work_wake, wait)
             self._work_wake.clear()
             if self.stop_event.is_set():
                 break
@@ -411,8 +465,8 @@ class WatchService:
         """Backlog metric, and a warning (once) when checkpoints pile up faster than relexd reads."""
         assert self.intake is not None
         backlog = self.intake.backlog()
-        self.metrics.set_backlog(backlog)
-        if backlog >= BEHIND_BACKLOG and not self._behind:
+        self.metrics.set_backlog(backlog, self.settings.backlog_alert)
+        if backlog > self.settings.backlog_alert and not self._behind:
             self._behind = True
             oldest = self.intake.oldest_waiting()
             log.warning(
@@ -463,9 +517,7 @@ class WatchService:
         ref = waiting.ref
         bound = log.bind(step=ref.step, path=str(ref.path), layout=ref.layout)
         try:
-            report = engine.ingest(
-                waiting.weights, ref.step, source=ref.path, should_stop=self.stop_event.is_set
-            )
+            report = engine.ingest(waiting.weights, ref.step, source=ref.path, should_stop=self._progress())
         except Interrupted:
             bound.info("ingestion abandoned for shutdown; the state is unchanged")
             return Outcome.STOP
@@ -584,7 +636,10 @@ class WatchService:
             started = time.monotonic()
             try:
                 with self._preview_lock:
-                    path = engine.write_preview(target.step, s.previews)
+                    path = engine.write_preview(target.step, s.previews, should_stop=self._progress())
+            except Interrupted:
+                bound.info("preview abandoned for shutdown; the previous one is kept")
+                return
             except OSError as exc:
                 ok = False
                 bound.error("cannot write preview; previous one kept, will retry", error=str(exc))

@@ -120,9 +120,11 @@ class Engine(Closeable):
         self.snapshot = report.snapshot
         return report
 
-    def write_preview(self, target: int, out_dir: Path) -> Path:
+    def write_preview(
+        self, target: int, out_dir: Path, *, should_stop: Callable[[], bool] = lambda: False
+    ) -> Path:
         self._use_threads()
-        return write_preview(self.snapshot, self.base, target, Path(out_dir))
+        return write_preview(self.snapshot, self.base, target, Path(out_dir), should_stop=should_stop)
 
     def summary(self) -> dict[str, Any]:
         meta = self.snapshot.meta

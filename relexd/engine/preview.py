@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 
 from relexd import __version__
 from relexd.engine.base import BaseModel
-from relexd.engine.ingest import CHUNK_ELEMS, spans
+from relexd.engine.ingest import CHUNK_ELEMS, Interrupted, spans
 from relexd.io.atomic import publish_dir, remove_tree
 from relexd.io.safetensors_file import DTYPES, StreamingSafetensorsWriter
 from relexd.state.store import SketchFile, Snapshot
@@ -52,8 +53,19 @@ def predicted_coefficient(snapshot: Snapshot, name: str, target: int) -> float:
     return 0.0 if rec["rank"] == 0 else rec["alpha"] + rec["beta"] * target
 
 
-def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Path) -> Path:
-    """Compute and publish the preview for step ``target`` at ``out_dir/step-<target>``."""
+def write_preview(
+    snapshot: Snapshot,
+    base: BaseModel,
+    target: int,
+    out_dir: Path,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Path:
+    """Compute and publish the preview for step ``target`` at ``out_dir/step-<target>``.
+
+    ``should_stop`` is polled before each tensor; when it says stop, the staging directory is
+    removed and :class:`Interrupted` raised — nothing is published, the previous preview stays.
+    """
     meta = snapshot.meta
     if not meta.get("steps"):
         raise ValueError("no checkpoint observed yet: nothing to extrapolate from")
@@ -74,6 +86,8 @@ def write_preview(snapshot: Snapshot, base: BaseModel, target: int, out_dir: Pat
             }
             with StreamingSafetensorsWriter(staging / out_name, specs, {"format": "pt"}) as writer:
                 for name in names:
+                    if should_stop():
+                        raise Interrupted(f"stopped before tensor {name!r} of the preview for step {target}")
                     dtype, _shape = specs[name]
                     _write_tensor(writer, name, dtype, snapshot, sketch, base, target)
                     weight_map[name] = out_name

@@ -169,3 +169,20 @@ def test_single_shard_with_index_keeps_its_index(tmp_path: Path) -> None:
         preview = engine.write_preview(40, tmp_path / "p")
     index = json.loads((preview / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {shard} and (preview / shard).is_file()
+
+
+def test_a_stop_during_a_preview_write_publishes_nothing_and_keeps_the_previous_one(tmp_path: Path) -> None:
+    from relexd.engine import Interrupted
+
+    planted = Planted.make(noise=0.0)
+    base, run = build_run(tmp_path, planted, [10, 20, 30])
+    with Engine(tmp_path / "state", base, EngineConfig()) as engine:
+        ingest_all(engine, run, [10, 20])
+        before = engine.write_preview(90, tmp_path / "p")
+        kept = (before / "model.safetensors").read_bytes()
+        engine.ingest(run / "checkpoint-30", 30)
+        polls = iter([False, False, True])
+        with pytest.raises(Interrupted):
+            engine.write_preview(90, tmp_path / "p", should_stop=lambda: next(polls))
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["step-90"]  # no staging left
+    assert (before / "model.safetensors").read_bytes() == kept
