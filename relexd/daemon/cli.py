@@ -147,6 +147,14 @@ def watch(
             envvar=_env("max_pinned"),
         ),
     ] = 4,
+    backlog_alert: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Above N waiting checkpoints relexd is falling behind (log; RelexFallingBehind).",
+            envvar=_env("backlog_alert"),
+        ),
+    ] = 1,
     estimator: Annotated[str, typer.Option(help="brand or oja.", envvar=_env("estimator"))] = "brand",
     sketch_rank: Annotated[
         int, typer.Option(help="Sketch rank k.", envvar=_env("sketch_rank"))
@@ -221,6 +229,7 @@ def watch(
             reconcile_interval=reconcile_interval,
             debounce=debounce,
             max_pinned=max_pinned,
+            backlog_alert=backlog_alert,
             engine=EngineConfig(
                 estimator=estimator,
                 rank=sketch_rank,

@@ -48,6 +48,9 @@ class WatchSettings:
     #: Complete checkpoints held open until ingested (relexd.daemon.pins): each one that the trainer
     #: deletes meanwhile keeps its disk space until relexd has read it.
     max_pinned: int = 4
+    #: waiting checkpoints above which relexd says it is falling behind (log, and the
+    #: ``RelexFallingBehind`` alert through ``relexd_ingest_backlog_limit_checkpoints``)
+    backlog_alert: int = 1
     engine: EngineConfig = field(default_factory=EngineConfig)
     listen: str | None = None  # None: no HTTP endpoint
     per_tensor_metrics: bool = False
@@ -76,6 +79,8 @@ class WatchSettings:
             raise ConfigError("--debounce must be ≥ 0")
         if self.max_pinned < 0:
             raise ConfigError("--max-pinned must be ≥ 0")
+        if self.backlog_alert < 0:
+            raise ConfigError("--backlog-alert must be ≥ 0")
         run = self.run_dir.resolve()
         previews = self.previews.resolve()
         if previews == run or run in previews.parents:

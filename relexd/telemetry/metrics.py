@@ -373,6 +373,13 @@ class RelexdMetrics:
             "for long means the trainer saves faster than relexd reads: see README 'Keeping up'.",
             registry=r,
         )
+        self.ingest_backlog_limit = Gauge(
+            "relexd_ingest_backlog_limit_checkpoints",
+            "Backlog above which relexd counts as falling behind (--backlog-alert): the "
+            "RelexFallingBehind alert compares relexd_ingest_backlog_checkpoints with it, so each "
+            "run's threshold is set where the run is configured.",
+            registry=r,
+        )
         self.ingest_lag = Gauge(
             "relexd_ingest_lag_seconds",
             "From the trainer completing the newest ingested checkpoint to relexd committing it. "
@@ -510,8 +517,9 @@ class RelexdMetrics:
             raise ValueError(f"unknown missed reason {reason!r}; add it to relexd.errors.MISSED_REASONS")
         self.checkpoints_missed.labels(reason=reason).inc(count)
 
-    def set_backlog(self, waiting: int) -> None:
+    def set_backlog(self, waiting: int, limit: int) -> None:
         self.ingest_backlog.set(waiting)
+        self.ingest_backlog_limit.set(limit)
 
     def set_lag(self, seconds: float) -> None:
         self.ingest_lag.set(seconds)

@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 import torch
 from safetensors.torch import load_file
 
+from relexd.daemon.config import WatchSettings
 from relexd.daemon.missed import read_ledger
+from relexd.daemon.service import WatchService
 from relexd.errors import REASONS
 from relexd.state.store import read_snapshot
 from tests.daemon.trainer_sim import Daemon, hf_save, make_base, rotate
@@ -224,3 +227,29 @@ def test_prime_rl_broadcasts_deleted_two_steps_later_are_all_read(tmp_path: Path
     assert meta["steps"] == list(range(1, steps + 1)) and _missed_steps(daemon.state) == []
     assert all(v == 0 for v in errors.values()), errors
     assert meta["history"][0]["source"].endswith("broadcasts/step_1")
+
+
+def test_falling_behind_is_said_above_the_runs_own_backlog_limit(tmp_path: Path) -> None:
+    _planted, base = make_base(tmp_path)
+    run, state = tmp_path / "run", tmp_path / "state"
+    settings = WatchSettings(run_dir=run, base=base, state_dir=state, backlog_alert=3)
+    svc = WatchService(settings)
+    svc.open()
+    assert svc.intake is not None
+    said = []
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for waiting in (3, 4, 5, 0):
+                svc.intake.backlog = lambda waiting=waiting: waiting  # type: ignore[method-assign]
+                svc._keeping_up()
+                limit = svc.metrics.registry.get_sample_value("relexd_ingest_backlog_limit_checkpoints")
+                said.append((waiting, limit, [e["event"].split(":")[0] for e in logs]))
+                logs.clear()
+    finally:
+        svc.shutdown()
+    assert said == [
+        (3, 3.0, []),
+        (4, 3.0, ["falling behind the trainer"]),
+        (5, 3.0, []),  # once per episode
+        (0, 3.0, ["caught up with the trainer"]),
+    ]
