@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh --test
-bash scripts/install-prometheus.sh
+bash scripts/install-test-tools.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # every imported package declared, no runtime module importing a test-only one

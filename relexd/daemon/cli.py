@@ -9,11 +9,13 @@ the eager ``--config`` callback fills before any other option is resolved.
 from __future__ import annotations
 
 import enum
+import faulthandler
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 
 from relexd.daemon.config import WatchSettings, default_state_dir, load_toml, parse_list
@@ -202,6 +204,9 @@ def watch(
 ) -> None:
     """Follow a training run: ingest checkpoints as they complete and keep previews ahead of it."""
     setup_logging(log_format.value)
+    # systemd's watchdog kills a hung daemon with SIGABRT: print every thread's Python stack to
+    # stderr (the journal) first, so the operator sees where it hung
+    faulthandler.enable(all_threads=True)
     from relexd.daemon.service import WatchService  # heavy imports after option parsing
     from relexd.telemetry import RelexdMetrics
 
@@ -249,10 +254,10 @@ def watch(
             metrics.set_stall_threshold(stall_threshold)
         service = WatchService(settings, metrics)
         service.open()
-    except (RelexdError, ValueError) as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"cannot start: {exc}")
+    except (RelexdError, ValueError, OSError) as exc:
+        # through the log pipeline, so that under systemd this line is JSON like every other one
+        structlog.get_logger("relexd.daemon").error("cannot start", error=str(exc))
+        raise typer.Exit(2) from None
     raise typer.Exit(service.run())
 
 

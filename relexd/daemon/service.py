@@ -404,6 +404,9 @@ class WatchService:
             self.watcher.ensure_watch()
         news = self.intake.scan(self.engine.steps, force_stable=force_stable or self.settings.once)
         self._say(news)
+        if not self._first_scan.is_set():
+            # READY=1 follows this line (main loop): a service manager's "started" means scanned
+            log.info("first scan done", ready=news.ready, observed=len(self.engine.steps))
         self._first_scan.set()
         self._keeping_up()
         self._work_wake.set()

@@ -19,6 +19,7 @@ import errno
 import json
 import math
 import os
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,8 +105,25 @@ def os_error(path: Path, exc: OSError, doing: str) -> CheckpointError:
     if isinstance(exc, FileNotFoundError) or exc.errno == errno.ESTALE:
         return CheckpointError(path, "rotated", f"file disappeared while {doing} (rotated away?)")
     if isinstance(exc, PermissionError):
-        return CheckpointError(path, "permission", f"permission denied while {doing}")
+        return CheckpointError(path, "permission", f"permission denied while {doing}{_owner_only_hint(path)}")
     return CheckpointError(path, "io", f"I/O error while {doing}: {exc.strerror or exc}")
+
+
+def _owner_only_hint(path: Path) -> str:
+    """Why a checkpoint file is unreadable, when it is the common case: safetensors 0.8 writes
+    every file with mode 0600 whatever the umask (it renames a tempfile into place;
+    safetensors/safetensors#782), so only the trainer's own user can read what it saved."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if st.st_uid != os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077 == 0:
+        return (
+            f" (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}: only the trainer's user can read"
+            " it; safetensors >= 0.8 saves files that way. Run relexd as that user, README 'Running under"
+            " systemd')"
+        )
+    return ""
 
 
 def _corrupt(path: Path, message: str) -> CheckpointError:

@@ -80,7 +80,7 @@ def test_dashboard_shape() -> None:
 
 
 def test_every_query_parses(tmp_path: Path) -> None:
-    promtool = require_tool("promtool", "run scripts/install-prometheus.sh")
+    promtool = require_tool("promtool", "run scripts/install-test-tools.sh")
     rules = [
         {"record": f"relexd:dashboard_query:{i}", "expr": substitute(q)}
         for i, q in enumerate(queries(load()))

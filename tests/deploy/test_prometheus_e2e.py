@@ -68,7 +68,7 @@ def write_run(run: Path, planted, stop: threading.Event) -> None:
 
 @pytest.mark.slow
 def test_prometheus_sees_skill_turn_negative_and_fires_the_alert(tmp_path: Path) -> None:
-    prometheus = require_tool("prometheus", "run scripts/install-prometheus.sh")
+    prometheus = require_tool("prometheus", "run scripts/install-test-tools.sh")
     planted, base = make_base(tmp_path, noise=0.001, b=0.05)
     planted.turn(TURN, seed=11)
     run = tmp_path / "run"

@@ -7,7 +7,7 @@ import subprocess
 from ._tools import ROOT, require_tool
 
 PROM = ROOT / "deploy" / "prometheus"
-HINT = "run scripts/install-prometheus.sh"
+HINT = "run scripts/install-test-tools.sh"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:

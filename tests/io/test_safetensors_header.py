@@ -177,3 +177,32 @@ def test_dtype_codes_round_trip() -> None:
     assert dtype_code(torch.bfloat16) == "BF16"
     with pytest.raises(ValueError):
         dtype_code(torch.complex128)
+
+
+def test_an_owner_only_file_of_another_user_says_why_and_what_to_do(good: Path, monkeypatch) -> None:
+    """safetensors >= 0.8 saves every file 0600 (measured with 0.8.0: save_file under umask 022):
+    the error names the mode and owner, and the fix."""
+    save_file({"x": torch.zeros(2)}, str(good.with_name("fresh.safetensors")))
+    assert good.with_name("fresh.safetensors").stat().st_mode & 0o777 == 0o600  # the writer's fact
+    good.chmod(0o600)
+    real_stat = os.stat
+
+    def owned_by_another(path: object, *a: object, **kw: object) -> os.stat_result:
+        st = real_stat(path, *a, **kw)  # type: ignore[arg-type]
+        fields = list(st)
+        fields[4] = os.geteuid() + 4242  # st_uid
+        return os.stat_result(fields)
+
+    def refuse(path: object, flags: int) -> int:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr(os, "stat", owned_by_another)
+    with pytest.raises(CheckpointError) as raised:
+        read_header(good)
+    assert raised.value.reason == "permission"
+    assert "mode 0600" in str(raised.value) and "Run relexd as that user" in str(raised.value)
+    good.chmod(0o640)  # group-readable: a group grant would work, so no such hint
+    with pytest.raises(CheckpointError) as raised:
+        read_header(good)
+    assert "(mode" not in str(raised.value)
