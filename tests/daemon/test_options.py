@@ -107,3 +107,22 @@ def test_eval_option_old_name_and_horizons_following_previews(tmp_path: Path) ->
     text = relexd("status", "--state-dir", str(state)).stdout
     for words in ("realized at 3x", "share of training's gain 0.8", "lead of ahead:3x", "preview"):
         assert words in text, (words, text)
+
+
+def test_the_env_example_covers_every_watch_option() -> None:
+    """An operator's env file starts from the example: each option is there, set or commented at
+    its default, or named under "Not here on purpose"."""
+    import re
+
+    from typer.main import get_command
+
+    from relexd.cli import app
+
+    watch = get_command(app).commands["watch"]  # type: ignore[attr-defined]
+    variables = {p.envvar for p in watch.params if p.envvar}
+    text = (Path(__file__).resolve().parents[2] / "systemd" / "relexd.env.example").read_text()
+    listed = set(re.findall(r"^#?(RELEXD_[A-Z_]+)=", text, re.M))
+    excluded = set(re.findall(r"^# (RELEXD_[A-Z_]+) —", text, re.M))
+    assert excluded == {"RELEXD_STATE_DIR", "RELEXD_ONCE", "RELEXD_ON_PREVIEW"}
+    assert variables - listed - excluded == set()
+    assert listed <= variables, listed - variables  # no stale names either
