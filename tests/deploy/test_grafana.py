@@ -106,23 +106,32 @@ def test_every_metric_name_is_exposed() -> None:
     assert not missing, f"dashboard uses metrics RelexdMetrics does not expose: {sorted(missing)}"
 
 
-def test_threshold_lines_match_alert_thresholds() -> None:
+def test_threshold_lines_are_the_alert_thresholds() -> None:
+    """The lines are generated from deploy/alerts.toml (tests/deploy/test_alert_sources.py checks
+    they are up to date); here: each one is the number its alert compares with."""
+    import tomllib
+
+    source = tomllib.loads((ROOT / "deploy" / "alerts.toml").read_text())
+    t = source["thresholds"]
     alerts = (ROOT / "deploy" / "prometheus" / "relexd-alerts.yml").read_text()
-    d = load()
-    by_title = {p["title"]: p for p in all_panels(d)}
+    by_title = {p["title"]: p for p in all_panels(load())}
 
     def steps(title: str) -> list[float]:
         th = by_title[title]["fieldConfig"]["defaults"]["thresholds"]["steps"]
         return [s["value"] for s in th if s["value"] is not None]
 
-    assert steps("Forecast skill per horizon") == [0] and "relexd_forecast_skill < 0" in alerts
-    assert steps("Rank-1 energy ratio and R²") == [0.85] and "< 0.85" in alerts
-    assert steps("Direction drift") == [0.05] and "relexd_direction_drift > 0.05" in alerts
-    assert steps("Time since last checkpoint") == [1800] and "+ 1800" in alerts
+    assert steps("Forecast skill per horizon") == [t["skill_below"]]
+    assert f"relexd_forecast_skill < {t['skill_below']}" in alerts
+    assert steps("Rank-1 energy ratio and R²") == [t["fit_below"]] and f"< {t['fit_below']}" in alerts
+    assert steps("Direction drift") == [t["drift_above"]]
+    assert f"relexd_direction_drift > {t['drift_above']}" in alerts
+    assert steps("Time since last checkpoint") == [t["stall_default_seconds"]]
+    assert f"+ {t['stall_default_seconds']}" in alerts
     from relexd.demo.cli import AHEAD_STREAK  # the demo and the bench judge the alert's condition
 
-    streak = f"relexd_preview_lead_streak >= {AHEAD_STREAK}"
-    assert steps("Preview lead over training") == [0] and streak in alerts
+    assert t["ahead_streak"] == AHEAD_STREAK
+    assert steps("Preview lead over training") == [0]
+    assert f"relexd_preview_lead_streak >= {AHEAD_STREAK}" in alerts
     assert (
         steps("Realized validation per horizon") == [0] and "relexd_preview_realized_advantage > 0" in alerts
     )
