@@ -8,8 +8,10 @@ the eager ``--config`` callback fills before any other option is resolved.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import faulthandler
+import io
 import json
 import sys
 from pathlib import Path
@@ -206,7 +208,8 @@ def watch(
     setup_logging(log_format.value)
     # systemd's watchdog kills a hung daemon with SIGABRT: print every thread's Python stack to
     # stderr (the journal) first, so the operator sees where it hung
-    faulthandler.enable(all_threads=True)
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.enable(all_threads=True)  # needs a real stderr descriptor (not a test runner's)
     from relexd.daemon.service import WatchService  # heavy imports after option parsing
     from relexd.telemetry import RelexdMetrics
 
