@@ -13,13 +13,39 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 #: File system types on which inotify misses remote writes (DESIGN.md §5).
 POLLING_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "9p"})
+
+
+#: The events that can mean "a checkpoint changed state": a file or directory appears, is renamed
+#: into place, finished being written (close after write) or is deleted (rotation). watchdog turns
+#: this list into the inotify mask, so the kernel does not queue the rest — above all the open and
+#: close of every file relexd itself reads or pins, which the observer thread would otherwise parse
+#: and drop, and the trainer's IN_MODIFY stream. Anything missed is still found by the reconcile scan.
+EVENTS = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+]
 
 
 def _unescape(field: str) -> str:
@@ -66,8 +92,6 @@ class HintHandler(FileSystemEventHandler):
         self._run_dir = str(run_dir.absolute())
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return  # our own reads must not wake us up
         src = os.fsdecode(event.src_path)
         if src.startswith(self._run_dir) or self._run_dir.startswith(src):
             self._hint(src)
@@ -102,11 +126,11 @@ class RunWatcher:
                 return
             if self.run_dir.is_dir():
                 self.observer.unschedule_all()
-                self.observer.schedule(self._handler, str(self.run_dir), recursive=True)
+                self.observer.schedule(self._handler, str(self.run_dir), recursive=True, event_filter=EVENTS)
                 self._recursive = True
             elif not self.observer.emitters:
                 where = _existing_ancestor(self.run_dir)
-                self.observer.schedule(self._handler, str(where), recursive=False)
+                self.observer.schedule(self._handler, str(where), recursive=False, event_filter=EVENTS)
 
     def alive(self) -> bool:
         return self.observer.is_alive()

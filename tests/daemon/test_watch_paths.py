@@ -227,3 +227,35 @@ def test_changed_base_is_a_clear_startup_error(tmp_path: Path) -> None:
     (state / "CURRENT").write_text('{"format": 99, "generation": null}')
     result = CliRunner().invoke(_app(), [*args, "--base", str(base)])
     assert result.exit_code == 2 and "state format" in result.output
+
+
+def test_inotify_delivers_completion_events_only(tmp_path: Path) -> None:
+    """relexd's own reads (an open and a close per file, for every checkpoint it reads or pins)
+    never reach the observer thread: watcher.EVENTS is the inotify mask, so the kernel does not
+    queue them. Writing, renaming and deleting still do."""
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    hints: list[str] = []
+    delivered: list[str] = []
+    w = watcher.RunWatcher(run, hints.append, poll=False, poll_interval=1.0)
+    real_dispatch = w._handler.dispatch
+    w._handler.dispatch = lambda e: (delivered.append(e.event_type), real_dispatch(e))  # type: ignore[method-assign]
+    w.start()
+    try:
+        time.sleep(0.3)
+        part = run / "checkpoint-1" / "model.safetensors.tmp"
+        part.write_bytes(b"\0" * 4096)
+        part.rename(part.with_suffix(""))
+        _wait(lambda: "moved" in delivered, timeout=10)
+        assert "closed" in delivered  # close after write: "this file is complete"
+        time.sleep(0.3)
+        delivered.clear()
+        for _ in range(50):
+            (run / "checkpoint-1" / "model.safetensors").read_bytes()
+        time.sleep(0.5)
+        assert delivered == [], f"relexd's own reads reached the observer: {delivered[:6]}"
+        (run / "checkpoint-1" / "model.safetensors").unlink()
+        _wait(lambda: "deleted" in delivered, timeout=10)
+        assert hints
+    finally:
+        w.stop()
