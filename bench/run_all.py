@@ -5,7 +5,7 @@
 ``--only ingest preview`` runs a subset; ``formats`` compares the checkpoint formats; ``demo`` is
 the demo's extrapolation table (5 demo runs, ~8 min, or 2 with ``--quick``); ``trust`` which of
 relexd's signals said "trust" when a preview lost, over 4 learning rates × 3 seeds (~40 min; 2 runs
-with ``--quick``). Benchmarks run one
+with ``--quick``); ``beside`` what relexd costs a training loop it follows (~6 min). Benchmarks run one
 after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
 """
 
@@ -20,7 +20,7 @@ from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
 from relexd.engine.config import DEFAULT_RANK, available_cores
 
-BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust")
+BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -122,6 +122,13 @@ def main() -> None:
             else (demo_trust.LRS, demo_trust.SEEDS)
         )
         save("demo-trust", demo_trust.report(demo_trust.run(lrs, seeds)), time.perf_counter() - t0)
+    if "beside" in args.only:
+        from bench import beside_trainer
+
+        t0 = time.perf_counter()
+        steps, rounds = (24, 1) if args.quick else (80, 3)
+        text = beside_trainer.run_and_report(steps, rounds, beside_trainer.trainer_threads())
+        save("beside-trainer", text, time.perf_counter() - t0)
     print(f"\nall done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
