@@ -37,6 +37,8 @@ POLLING_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs"
 #: this list into the inotify mask, so the kernel does not queue the rest — above all the open and
 #: close of every file relexd itself reads or pins, which the observer thread would otherwise parse
 #: and drop, and the trainer's IN_MODIFY stream. Anything missed is still found by the reconcile scan.
+#: Only for inotify: the polling observer sees no close events (a file rewritten in place, like
+#: verl's tracker, is only "modified" there) and has no kernel queue to spare.
 EVENTS = [
     FileCreatedEvent,
     DirCreatedEvent,
@@ -112,6 +114,7 @@ class RunWatcher:
         self.polling = poll or needs_polling(self.kind)
         self.observer: BaseObserver = PollingObserver(timeout=poll_interval) if self.polling else Observer()
         self._handler = HintHandler(hint, self.run_dir)
+        self._events = None if self.polling else EVENTS
         self._lock = threading.Lock()
         self._recursive = False
 
@@ -126,11 +129,13 @@ class RunWatcher:
                 return
             if self.run_dir.is_dir():
                 self.observer.unschedule_all()
-                self.observer.schedule(self._handler, str(self.run_dir), recursive=True, event_filter=EVENTS)
+                self.observer.schedule(
+                    self._handler, str(self.run_dir), recursive=True, event_filter=self._events
+                )
                 self._recursive = True
             elif not self.observer.emitters:
                 where = _existing_ancestor(self.run_dir)
-                self.observer.schedule(self._handler, str(where), recursive=False, event_filter=EVENTS)
+                self.observer.schedule(self._handler, str(where), recursive=False, event_filter=self._events)
 
     def alive(self) -> bool:
         return self.observer.is_alive()

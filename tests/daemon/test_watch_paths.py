@@ -259,3 +259,23 @@ def test_inotify_delivers_completion_events_only(tmp_path: Path) -> None:
         assert hints
     finally:
         w.stop()
+
+
+def test_polling_observer_sees_a_file_rewritten_in_place(tmp_path: Path) -> None:
+    """Polling has no close events: a tracker file rewritten in place (verl's
+    latest_checkpointed_iteration.txt) is only "modified" there and must still wake the scout."""
+    run = tmp_path / "run"
+    run.mkdir()
+    tracker = run / "latest_checkpointed_iteration.txt"
+    tracker.write_text("10")
+    hints: list[str] = []
+    w = watcher.RunWatcher(run, hints.append, poll=True, poll_interval=0.2)
+    w.start()
+    try:
+        time.sleep(0.6)
+        hints.clear()
+        with tracker.open("w") as fh:  # same inode, new size and mtime
+            fh.write("20 ")
+        _wait(lambda: any(h.endswith("latest_checkpointed_iteration.txt") for h in hints), timeout=10)
+    finally:
+        w.stop()
