@@ -144,9 +144,10 @@ def _plain_ok(text: str) -> bool:
 def prometheus_yaml(source: dict[str, Any]) -> str:
     out = [f"# {ln}".rstrip() for ln in source["prometheus"]["header"].strip().splitlines()]
     out.append("groups:")
-    for group in dict.fromkeys(r["group"] for r in rules(source)):
+    all_rules = rules(source)
+    for group in dict.fromkeys(r["group"] for r in all_rules):
         out += [f"  - name: {group}", "    rules:"]
-        for rule in (r for r in rules(source) if r["group"] == group):
+        for rule in (r for r in all_rules if r["group"] == group):
             out.append(f"      - alert: {rule['alert']}")
             out += [f"        # {ln}".rstrip() for ln in rule["why"]]
             out += _expr(rule["expr"], "        ")
