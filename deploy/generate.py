@@ -81,6 +81,7 @@ def rules(source: dict[str, Any]) -> list[dict[str, Any]]:
     t = source["thresholds"]
     out = []
     for rule in source["rules"]:
+        summary = one_line(fill(rule["summary"], t))
         description = one_line(fill(rule["description"], t))
         grafana_description = one_line(fill(rule.get("grafana_description", rule["description"]), t))
         out.append(
@@ -91,9 +92,9 @@ def rules(source: dict[str, Any]) -> list[dict[str, Any]]:
                 "expr": fill(rule["expr"], t).strip(),
                 "for": fill(rule["for"], t) if "for" in rule else None,
                 "severity": rule["severity"],
-                "summary": one_line(fill(rule["summary"], t)),
+                "summary": summary,
                 "description": description,
-                "grafana_summary": to_grafana_template(one_line(fill(rule["summary"], t))),
+                "grafana_summary": to_grafana_template(summary),
                 "grafana_description": to_grafana_template(grafana_description),
             }
         )

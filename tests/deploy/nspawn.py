@@ -106,13 +106,17 @@ class Container:
             return None
         return pids[0] if pids else None
 
+    def _enter(self, *command: str) -> list[str]:
+        """``command`` run in every namespace of the container (as its root)."""
+        assert self.pid1 is not None, "not booted"
+        return ["nsenter", "-t", str(self.pid1), "-a", *command]
+
     def sh(
         self, script: str, *, check: bool = True, timeout: float = 120.0, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """``bash -euo pipefail -c script`` in every namespace of the container, as its root."""
-        assert self.pid1 is not None, "not booted"
         result = subprocess.run(
-            ["nsenter", "-t", str(self.pid1), "-a", "bash", "-euo", "pipefail", "-c", script],
+            self._enter("bash", "-euo", "pipefail", "-c", script),
             capture_output=True, text=True, timeout=timeout, env=self.env | (env or {}),
         )  # fmt: skip
         if check and result.returncode != 0:
@@ -122,9 +126,8 @@ class Container:
 
     def background(self, script: str) -> subprocess.Popen[str]:
         """Start ``script`` in the container without waiting for it."""
-        assert self.pid1 is not None, "not booted"
         return subprocess.Popen(
-            ["nsenter", "-t", str(self.pid1), "-a", "bash", "-euo", "pipefail", "-c", script],
+            self._enter("bash", "-euo", "pipefail", "-c", script),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
         )  # fmt: skip
 
@@ -133,8 +136,7 @@ class Container:
         if self.process is None or self.process.poll() is not None:
             return
         if self.pid1 is not None:
-            poweroff = ["nsenter", "-t", str(self.pid1), "-a", "systemctl", "poweroff"]
-            subprocess.run(poweroff, capture_output=True, timeout=30)
+            subprocess.run(self._enter("systemctl", "poweroff"), capture_output=True, timeout=30)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
