@@ -28,14 +28,13 @@ from relexd.engine.config import EngineConfig
 from relexd.io.layouts import (
     MARKERLESS,
     CheckpointRef,
+    Signature,
     checkpoint_of,
     checkpoint_step,
     completion_time,
     scan_run,
     size_signature,
 )
-
-Signature = tuple[tuple[str, int, int], ...]
 
 #: How long a complete checkpoint waits behind a lower, still incomplete one before going ahead
 #: (ingesting it first would make the lower one out of order forever).
@@ -213,7 +212,7 @@ class Intake:
             if waiting.pin is not None or waiting.taken:
                 continue
             try:
-                waiting.pin = CheckpointPin(waiting.ref, self.pin_root)
+                waiting.pin = CheckpointPin(waiting.ref, self.pin_root, waiting.signature)
             except OSError:
                 continue  # gone already: the next scan reports it
             pinned += 1

@@ -16,10 +16,16 @@ Costs and limits: a pinned checkpoint that the trainer deleted still occupies it
 relexd releases it, so the number of pins is bounded (``--max-pinned``). Network file systems do not
 keep a file alive for a descriptor held on another host (NFS answers ESTALE), so there pins only
 narrow the window; ingestion still counts such a checkpoint as rotated, never as corrupt.
+
+A pin taken late (the pins were all in use when the checkpoint completed) can land in the middle of
+the trainer's rotation, which unlinks entries one by one. A pin therefore holds every weights file
+the checkpoint had when it was found complete, or none: a partial view could be read as a smaller
+model, or reported as a corrupt one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -29,7 +35,7 @@ from relexd.engine.ingest import AUX_FILES
 from relexd.io.formats.dcp import METADATA as DCP_METADATA
 from relexd.io.formats.verl_fsdp import CONFIG as VERL_CONFIG
 from relexd.io.formats.verl_fsdp import RANK_FILE
-from relexd.io.layouts import CheckpointRef
+from relexd.io.layouts import CheckpointRef, Signature
 from relexd.io.reader import is_temp_name
 
 #: Where descriptors can be reopened by path (Linux). Without it nothing is pinned.
@@ -57,11 +63,12 @@ def _wanted(name: str) -> bool:
 class CheckpointPin(Closeable):
     """Open descriptors on one checkpoint's files and a view directory that reads through them.
 
-    Raises FileNotFoundError when the checkpoint vanishes while it is being pinned (nothing is left
-    open then).
+    Raises FileNotFoundError when the checkpoint, or a weights file of its ``signature`` (taken
+    when it was found complete), vanishes before or while it is being pinned (nothing is left open
+    then).
     """
 
-    def __init__(self, ref: CheckpointRef, view_root: Path) -> None:
+    def __init__(self, ref: CheckpointRef, view_root: Path, signature: Signature = ()) -> None:
         self.ref = ref
         self.view = Path(view_root) / f"step-{ref.step}"
         self._fds: list[int] = []
@@ -85,6 +92,12 @@ class CheckpointPin(Closeable):
                 self._fds.append(fd)
                 self.nbytes += os.fstat(fd).st_size
                 (self.view / file.name).symlink_to(PROC_FD / str(fd))
+            pinned = {file.name for file in files}
+            gone = sorted(name for name, _, _ in signature if _wanted(name) and name not in pinned)
+            if gone:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"being rotated away: {', '.join(gone)} already deleted", str(source)
+                )
         except BaseException:
             self.close()
             raise

@@ -59,7 +59,7 @@ from relexd.engine.ingest import IngestReport, Interrupted
 from relexd.engine.preview import MANIFEST, preview_name
 from relexd.errors import CheckpointError
 from relexd.io.atomic import write_json_atomic
-from relexd.io.layouts import CheckpointRef
+from relexd.io.layouts import CheckpointRef, being_removed
 from relexd.state.store import StateWriteError
 from relexd.telemetry import ForecastFigures, RelexdMetrics, sdnotify, start_http
 from relexd.telemetry.http import HttpServer, make_app
@@ -535,8 +535,10 @@ class WatchService:
             return Outcome.RETRY
         except CheckpointError as exc:
             reason = exc.reason
-            if reason != "rotated" and waiting.pin is None and not os.path.lexists(ref.path):
-                reason = "rotated"  # it vanished: whatever broke was the trainer deleting it
+            if reason != "rotated" and waiting.pin is None and being_removed(ref, waiting.signature):
+                # a pin holds the checkpoint as it was complete; without one, what broke was the
+                # trainer deleting it (a rotation half done leaves the directory, not the weights)
+                reason = "rotated"
             return self._bad_input(bound, ref, reason, str(waiting.original(exc.path)), exc.message)
         except FileNotFoundError as exc:
             file = str(waiting.original(exc.filename)) if exc.filename else str(ref.path)

@@ -307,7 +307,11 @@ def completion_time(ref: CheckpointRef) -> float | None:
         return None
 
 
-def size_signature(ref: CheckpointRef) -> tuple[tuple[str, int, int], ...]:
+#: (file relative to the weights, size, mtime_ns) of each weights file: see :func:`size_signature`.
+Signature = tuple[tuple[str, int, int], ...]
+
+
+def size_signature(ref: CheckpointRef) -> Signature:
     """(file relative to the weights, size, mtime_ns) of every weights file of ``ref``.
 
     Equal signatures from two scans some seconds apart tell the daemon that a marker-less
@@ -333,3 +337,19 @@ def size_signature(ref: CheckpointRef) -> tuple[tuple[str, int, int], ...]:
             continue
         signature.append((file.name, stat.st_size, stat.st_mtime_ns))
     return tuple(signature)
+
+
+def being_removed(ref: CheckpointRef, signature: Signature) -> bool:
+    """Whether ``ref`` is going away: it, its weights, or a weights file it had when its
+    ``signature`` was taken no longer exists.
+
+    A rotation (``shutil.rmtree``, ``save_total_limit``) unlinks a checkpoint's entries one by one,
+    in directory order, so a reader can land in the middle of it: weights gone while the directory,
+    its config and its completion marker are still there. What it finds then is the trainer
+    deleting the checkpoint, not bad input.
+    """
+    weights = ref.weights
+    if not os.path.lexists(ref.path) or not os.path.lexists(weights):
+        return True
+    folder = weights if weights.is_dir() else weights.parent
+    return any(not os.path.lexists(folder / name) for name, _, _ in signature)

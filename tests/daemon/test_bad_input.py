@@ -16,6 +16,7 @@ import torch
 
 from relexd.daemon.config import WatchSettings
 from relexd.daemon.service import WatchService
+from relexd.errors import REASONS
 from relexd.io import safetensors_file
 from relexd.state import store
 from relexd.state.store import read_snapshot
@@ -217,6 +218,52 @@ def test_rotated_before_open_without_pins_counts_missed(
     _rotate_right_before_ingest(h, ckpt, monkeypatch)
     h.scan()
     assert h.missed("rotated") == 1 and h.errors("rotated") == 0 and h.steps() == [10]
+    h.svc.engine.close()
+
+
+def _half_rotate(ckpt: Path) -> None:
+    """Where ``shutil.rmtree`` may be when relexd looks: the weights unlinked, the directory, its
+    config and its trainer_state.json not yet (rmtree removes entries in directory order)."""
+    (ckpt / "model.safetensors").unlink()
+
+
+def test_pinned_while_being_rotated_counts_missed_not_corrupt(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin taken late (the pins were busy) can find the rotation under way: what is left of the
+    checkpoint is not bad input, and the trainer's rotation is no error of the trainer."""
+    from relexd.daemon import intake
+
+    ckpt = h.save(20)
+    real_pin = intake.CheckpointPin
+
+    def late_pin(*args: object) -> object:
+        _half_rotate(ckpt)
+        return real_pin(*args)
+
+    monkeypatch.setattr(intake, "CheckpointPin", late_pin)
+    h.scan()
+    assert h.missed("rotated") == 1
+    assert sum(h.errors(r) for r in REASONS) == 0
+    assert h.steps() == [10]
+
+
+def test_half_rotated_before_open_without_pins_counts_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness(tmp_path, max_pinned=0)
+    h.save(10)
+    h.scan()
+    ckpt = h.save(20)
+    real = h.svc.engine.ingest
+
+    def ingest(weights: Path, step: int, **kw: object) -> object:
+        _half_rotate(ckpt)
+        return real(weights, step, **kw)
+
+    monkeypatch.setattr(h.svc.engine, "ingest", ingest)
+    h.scan()
+    assert h.missed("rotated") == 1 and sum(h.errors(r) for r in REASONS) == 0 and h.steps() == [10]
     h.svc.engine.close()
 
 
