@@ -8,7 +8,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -185,11 +185,19 @@ def test_rotated_mid_read_counts_missed_and_leaves_state(h: Harness, monkeypatch
     assert h.steps() == [10, 30]
 
 
-def _rotate_right_before_ingest(h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _half_rotate(ckpt: Path) -> None:
+    """Where ``shutil.rmtree`` may be when relexd looks: the weights unlinked, the directory, its
+    config and its trainer_state.json not yet (rmtree removes entries in directory order)."""
+    (ckpt / "model.safetensors").unlink()
+
+
+def _rotate_right_before_ingest(
+    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch, rotate: Callable[[Path], None] = shutil.rmtree
+) -> None:
     real = h.svc.engine.ingest
 
     def ingest(weights: Path, step: int, **kw: object) -> object:
-        shutil.rmtree(ckpt)
+        rotate(ckpt)
         return real(weights, step, **kw)
 
     monkeypatch.setattr(h.svc.engine, "ingest", ingest)
@@ -208,23 +216,18 @@ def test_rotated_after_completion_is_still_read_through_its_pin(
     assert not any((h.state / "pins").iterdir())  # the pin is released after the ingest
 
 
+@pytest.mark.parametrize("rotate", [shutil.rmtree, _half_rotate], ids=["whole", "half-done"])
 def test_rotated_before_open_without_pins_counts_missed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotate: Callable[[Path], None]
 ) -> None:
     h = Harness(tmp_path, max_pinned=0)
     h.save(10)
     h.scan()
     ckpt = h.save(20)
-    _rotate_right_before_ingest(h, ckpt, monkeypatch)
+    _rotate_right_before_ingest(h, ckpt, monkeypatch, rotate)
     h.scan()
-    assert h.missed("rotated") == 1 and h.errors("rotated") == 0 and h.steps() == [10]
+    assert h.missed("rotated") == 1 and sum(h.errors(r) for r in REASONS) == 0 and h.steps() == [10]
     h.svc.engine.close()
-
-
-def _half_rotate(ckpt: Path) -> None:
-    """Where ``shutil.rmtree`` may be when relexd looks: the weights unlinked, the directory, its
-    config and its trainer_state.json not yet (rmtree removes entries in directory order)."""
-    (ckpt / "model.safetensors").unlink()
 
 
 def test_pinned_while_being_rotated_counts_missed_not_corrupt(
@@ -246,25 +249,6 @@ def test_pinned_while_being_rotated_counts_missed_not_corrupt(
     assert h.missed("rotated") == 1
     assert sum(h.errors(r) for r in REASONS) == 0
     assert h.steps() == [10]
-
-
-def test_half_rotated_before_open_without_pins_counts_missed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    h = Harness(tmp_path, max_pinned=0)
-    h.save(10)
-    h.scan()
-    ckpt = h.save(20)
-    real = h.svc.engine.ingest
-
-    def ingest(weights: Path, step: int, **kw: object) -> object:
-        _half_rotate(ckpt)
-        return real(weights, step, **kw)
-
-    monkeypatch.setattr(h.svc.engine, "ingest", ingest)
-    h.scan()
-    assert h.missed("rotated") == 1 and sum(h.errors(r) for r in REASONS) == 0 and h.steps() == [10]
-    h.svc.engine.close()
 
 
 def test_permission_denied(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
