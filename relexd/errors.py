@@ -57,3 +57,8 @@ class StateError(RelexdError):
 
 class ConfigError(RelexdError):
     """Options that contradict each other or name impossible values."""
+
+
+class WorkerLost(RelexdError):
+    """A cluster worker died or hung while computing its part of a generation; the generation was
+    abandoned (the published state is unchanged) and the checkpoint is to be retried."""

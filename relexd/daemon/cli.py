@@ -203,6 +203,30 @@ def watch(
     memory_budget: Annotated[
         str | None, typer.Option(help=BUDGET_HELP, envvar=_env("memory_budget"), show_default=False)
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Compute on a Ray cluster: 'auto' (this node's) or its address; needs relexd[ray].",
+            envvar=_env("ray"),
+            show_default=False,
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int,
+        typer.Option(min=1, help="With --ray: ingest workers, one per node.", envvar=_env("ray_workers")),
+    ] = 2,
+    ray_cpus_per_worker: Annotated[
+        float,
+        typer.Option(
+            help="With --ray: CPUs each worker reserves (its threads).", envvar=_env("ray_cpus_per_worker")
+        ),
+    ] = 1.0,
+    ray_timeout: Annotated[
+        float,
+        typer.Option(
+            help="With --ray: a worker silent this long, s, is restarted.", envvar=_env("ray_timeout")
+        ),
+    ] = 900.0,
 ) -> None:
     """Follow a training run: ingest checkpoints as they complete and keep previews ahead of it."""
     setup_logging(log_format.value)
@@ -251,6 +275,10 @@ def watch(
             once=once,
             threads=threads,
             memory_budget=parse_size(memory_budget),
+            ray=ray or None,
+            ray_workers=ray_workers,
+            ray_cpus_per_worker=ray_cpus_per_worker,
+            ray_timeout=ray_timeout,
         )
         metrics = RelexdMetrics(per_tensor=per_tensor_metrics)
         if stall_threshold is not None:

@@ -58,8 +58,15 @@ class WatchSettings:
     #: ingest worker threads, each computing one tensor at a time on one core (None: every core
     #: this process may use); the results do not depend on it
     threads: int | None = None
-    #: bytes the tensors in flight may hold (None: bounded by the worker count only)
+    #: bytes the tensors in flight may hold (None: bounded by the worker count only); with --ray,
+    #: per cluster worker
     memory_budget: int | None = None
+    #: a Ray cluster to compute on ("auto": this node's; None: this host only) — relexd.cluster
+    ray: str | None = None
+    ray_workers: int = 2
+    ray_cpus_per_worker: float = 1.0
+    #: a cluster worker that sends no result for this long counts as hung (restarted, retried)
+    ray_timeout: float = 900.0
 
     def __post_init__(self) -> None:
         if self.preview_every < 1:
@@ -81,6 +88,8 @@ class WatchSettings:
             raise ConfigError("--max-pinned must be ≥ 0")
         if self.backlog_alert < 0:
             raise ConfigError("--backlog-alert must be ≥ 0")
+        if self.ray_workers < 1 or self.ray_cpus_per_worker <= 0 or self.ray_timeout <= 0:
+            raise ConfigError("--ray-workers must be ≥ 1, --ray-cpus-per-worker and --ray-timeout > 0")
         run = self.run_dir.resolve()
         previews = self.previews.resolve()
         if previews == run or run in previews.parents:

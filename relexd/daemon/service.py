@@ -45,6 +45,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from relexd import __version__
+from relexd.cluster.coordinator import PartitionedTensors, WorkerStatus
 from relexd.daemon import previews as pv
 from relexd.daemon.config import WatchSettings
 from relexd.daemon.evaluations import EvalJob, EvalLedger
@@ -55,9 +56,9 @@ from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
 from relexd.engine.config import available_cores
 from relexd.engine.engine import Engine
-from relexd.engine.ingest import IngestReport, Interrupted
+from relexd.engine.ingest import IngestReport, Interrupted, TensorBackend
 from relexd.engine.preview import MANIFEST, preview_name
-from relexd.errors import CheckpointError
+from relexd.errors import CheckpointError, WorkerLost
 from relexd.io.atomic import write_json_atomic
 from relexd.io.layouts import CheckpointRef, being_removed
 from relexd.state.store import StateWriteError
@@ -72,6 +73,8 @@ RETRY_MIN_S, RETRY_MAX_S = 1.0, 300.0
 SCAN_GAP_S = 0.05
 #: File in the state directory telling ``relexd status`` where the daemon writes previews.
 DAEMON_FILE = "daemon.json"
+#: With --ray: the workers as the coordinator last saw them (``relexd status``)
+CLUSTER_FILE = "cluster.json"
 #: Where pinned checkpoints' views live (emptied on start: views never outlive the process).
 PIN_DIR = "pins"
 #: Checkpoint directories remembered by step, for evaluating the one a preview was made from.
@@ -120,9 +123,44 @@ class WatchService:
         self._checkpoint_paths: dict[int, Path] = {}  # step → the trainer's checkpoint directory
         self._preview_lock = threading.Lock()  # preview writes (worker) vs manifest stamps (hook)
         self.http: HttpServer | None = None
+        self.cluster: PartitionedTensors | None = None  # with --ray
         self._known_labels: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    def _cluster_backend(self) -> TensorBackend | None:
+        """With ``--ray``: the engine's tensors computed by Ray workers (imported only then)."""
+        s = self.settings
+        if s.ray is None:
+            return None
+        from relexd.cluster.ray_backend import ClusterSettings, ray_tensors
+
+        cores = max(1, int(s.ray_cpus_per_worker))
+        cluster = ClusterSettings(
+            address=s.ray,
+            workers=s.ray_workers,
+            cpus_per_worker=s.ray_cpus_per_worker,
+            threads_per_worker=s.threads or cores,
+            memory_budget=s.memory_budget,
+            timeout_s=s.ray_timeout,
+        )
+        backend = ray_tensors(cluster, s.base, s.engine, s.state_dir, on_part=self._worker_reported)
+        self.cluster = backend
+        self.metrics.set_workers(backend.status)
+        log.info(
+            "ray workers placed",
+            address=s.ray,
+            workers=[f"{w.host}:{w.pid}" for w in backend.status],
+            cpus_per_worker=s.ray_cpus_per_worker,
+        )
+        return backend
+
+    def _worker_reported(self, status: WorkerStatus) -> None:
+        if status.last_seconds is not None:
+            self.metrics.observe_worker_part(status.last_seconds)
+        if self.cluster is not None:
+            self.metrics.set_workers(self.cluster.status)
+            write_json_atomic(self.settings.state_dir / CLUSTER_FILE, self.cluster.describe())
 
     def open(self) -> None:
         """Open the state (StateError propagates: changed base, unknown format, locked)."""
@@ -133,6 +171,7 @@ class WatchService:
             s.engine,
             threads=s.threads or available_cores(),
             memory_budget=s.memory_budget,
+            backend=self._cluster_backend(),
         )
         steps = self.engine.steps
         self.metrics.restore_progress(
@@ -141,8 +180,10 @@ class WatchService:
             timestamp=self.engine.snapshot.meta.get("last_time"),
         )
         self._publish_confidence(self.engine.snapshot.meta)
+        # pins hold files open in this process only; cluster workers read the shared file system
+        pinned = 0 if s.ray else s.max_pinned
         self.intake = Intake(
-            s.run_dir, s.state_dir / PIN_DIR, s.engine, debounce=s.debounce, max_pinned=s.max_pinned
+            s.run_dir, s.state_dir / PIN_DIR, s.engine, debounce=s.debounce, max_pinned=pinned
         )
         self.ledger = MissedLedger(s.state_dir, newest_ingested=steps[-1] if steps else None)
         removed = pv.remove_orphans(s.previews)
@@ -524,10 +565,15 @@ class WatchService:
         except Interrupted:
             bound.info("ingestion abandoned for shutdown; the state is unchanged")
             return Outcome.STOP
-        except StateWriteError as exc:
+        except (StateWriteError, WorkerLost) as exc:
             self._retry_at = time.monotonic() + self._retry_delay
+            lost = isinstance(exc, WorkerLost)
+            if lost:
+                self.metrics.count_worker_lost()
             bound.error(
-                "cannot write state; previous state kept, will retry",
+                "a cluster worker was lost; the generation was abandoned, previous state kept, will retry"
+                if lost
+                else "cannot write state; previous state kept, will retry",
                 error=str(exc),
                 retry_in=self._retry_delay,
             )

@@ -6,7 +6,8 @@ directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,21 @@ import torch
 from relexd._closeable import Closeable
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
-from relexd.engine.ingest import IngestReport, ingest
+from relexd.engine.ingest import IngestReport, LocalTensors, TensorBackend, ingest
 from relexd.engine.memory import pin_mmap_threshold
 from relexd.engine.pool import TensorPool
 from relexd.engine.preview import write_preview
 from relexd.errors import StateError
 from relexd.io.names import match_names
-from relexd.io.reader import open_weights
+from relexd.io.reader import WeightReader, open_weights
 from relexd.state.store import Snapshot, StateStore
+
+
+@contextlib.contextmanager
+def open_checkpoint(weights: Path, base: BaseModel) -> Iterator[WeightReader]:
+    """A checkpoint's weights under the base's tensor names (FSDP/PEFT prefixes mapped)."""
+    with open_weights(weights) as stored:
+        yield stored.renamed(match_names(stored.names(), base.names, stored.path))
 
 
 class Engine(Closeable):
@@ -36,12 +44,14 @@ class Engine(Closeable):
         *,
         threads: int = 1,
         memory_budget: int | None = None,
+        backend: TensorBackend | None = None,
     ) -> None:
         """``threads``: worker threads, each computing one tensor at a time on one core
-        (:mod:`relexd.engine.pool`); ``memory_budget``: bytes the tensors in flight may hold.
-        Neither changes the results."""
+        (:mod:`relexd.engine.pool`); ``memory_budget``: bytes the tensors in flight may hold;
+        ``backend``: where tensors are computed instead (a cluster's workers, which have their own
+        threads and budget; the engine closes it). None of them changes the results."""
         pin_mmap_threshold()
-        self.pool = TensorPool(threads, memory_budget)
+        self.backend = backend or LocalTensors(TensorPool(threads, memory_budget))
         self._use_threads()
         self.state_dir = Path(state_dir)
         self.config = config
@@ -52,7 +62,7 @@ class Engine(Closeable):
             self._check_state_matches()
         except BaseException:
             self.store.close()
-            self.pool.close()
+            self.backend.close()
             raise
 
     def _check_state_matches(self) -> None:
@@ -103,8 +113,7 @@ class Engine(Closeable):
     ) -> IngestReport:
         """Validate and fold one checkpoint in; on any error the state is unchanged."""
         self._use_threads()
-        with open_weights(weights) as stored:
-            ckpt = stored.renamed(match_names(stored.names(), self.base.names, stored.path))
+        with open_checkpoint(weights, self.base) as ckpt:
             report = ingest(
                 self.store,
                 self.snapshot,
@@ -112,7 +121,7 @@ class Engine(Closeable):
                 ckpt,
                 step,
                 self.config,
-                pool=self.pool,
+                backend=self.backend,
                 source=source,
                 should_stop=should_stop,
                 on_tensor=on_tensor,
@@ -136,6 +145,6 @@ class Engine(Closeable):
         }
 
     def close(self) -> None:
-        self.pool.close()
+        self.backend.close()
         self.base.close()
         self.store.close()

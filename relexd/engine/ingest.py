@@ -18,13 +18,14 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from relexd._closeable import Closeable
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool
@@ -42,7 +43,7 @@ from relexd.math.confidence import (
 )
 from relexd.math.fit import fit_line
 from relexd.math.sketch import SmallState, make_update
-from relexd.state.store import Snapshot, StateStore, StateWriteError, Transaction
+from relexd.state.store import Partition, PartWriters, Snapshot, StateStore, StateWriteError, Transaction
 
 #: Elements per chunk: 4 MiB of float32 — big enough for fast BLAS, small against any real tensor,
 #: and small enough that the float64 temporaries of a chunk stay a few tens of MB.
@@ -195,6 +196,74 @@ def task_bytes(numel: int, width: int) -> int:
     return 4 * numel + 4 * (2 * width + 4) * min(numel, CHUNK_ELEMS)
 
 
+class TensorBackend(Closeable):
+    """Where a checkpoint's tensors are computed: the one seam between the engine's bookkeeping
+    (validation, forecasts, meta, commit — always in the coordinating process) and the per-tensor
+    work. :class:`LocalTensors` runs them on this host's worker threads; relexd.cluster's Ray
+    backend on the workers of a Ray cluster, each writing its part of the new generation."""
+
+    def compute(
+        self,
+        work: CheckpointPass,
+        txn: Transaction,
+        should_stop: Callable[[], bool],
+        on_tensor: Callable[[str, int], None] | None,
+    ) -> tuple[dict[str, TensorResult], Partition | None]:
+        """Every tracked tensor's result, its sketch (and new anchor) rows written into ``txn``'s
+        generation; plus the partition of the files written (None: one file, by ``txn``)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalTensors(TensorBackend):
+    """This host's :class:`~relexd.engine.pool.TensorPool`: one sketch file written by ``txn``."""
+
+    def __init__(self, pool: TensorPool) -> None:
+        self.pool = pool
+
+    def compute(
+        self,
+        work: CheckpointPass,
+        txn: Transaction,
+        should_stop: Callable[[], bool],
+        on_tensor: Callable[[str, int], None] | None,
+    ) -> tuple[dict[str, TensorResult], Partition | None]:
+        work.open_writers(txn, work.base.tracked)
+        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor), None
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def run_tensors(
+    work: CheckpointPass,
+    pool: TensorPool,
+    names: Sequence[str],
+    should_stop: Callable[[], bool],
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> dict[str, TensorResult]:
+    """Compute the tensors ``names`` of ``work`` on ``pool``, largest first within the memory
+    budget; the first error in ``names`` order is the one raised."""
+
+    def task(name: str, abort: Cutoff) -> TensorResult:
+        def stop() -> None:
+            if abort.is_set():
+                raise Cancelled
+            if should_stop():
+                raise Interrupted(f"stopped in tensor {name!r} of step {work.step}")
+
+        return work.run_tensor(name, stop)
+
+    def done(name: str, _result: TensorResult) -> None:
+        if on_tensor is not None:
+            on_tensor(name, work.base.reader.info(name).numel)
+
+    costs = {n: task_bytes(work.base.reader.info(n).numel, work.config.width) for n in names}
+    return pool.run(costs, task, done)
+
+
 def ingest(
     store: StateStore,
     snapshot: Snapshot,
@@ -203,15 +272,15 @@ def ingest(
     step: int,
     config: EngineConfig,
     *,
-    pool: TensorPool | None = None,
+    backend: TensorBackend | None = None,
     source: Path | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> IngestReport:
     """Fold checkpoint ``ckpt`` (at ``step``) into the state; returns the committed snapshot.
 
-    The tensors are computed by ``pool`` (one worker when None); the state written is the same
-    for any number of workers.
+    The tensors are computed by ``backend`` (one local worker when None); the state written is
+    the same for any number of workers, local or not.
     """
     started = time.monotonic()
     meta = snapshot.meta
@@ -227,32 +296,19 @@ def ingest(
         if alias in ckpt.names():
             check_tie(base, ckpt, alias)
 
-    own_pool = pool is None
-    pool = pool or TensorPool(1)
+    own_backend = backend is None
+    backend = backend or LocalTensors(TensorPool(1))
     txn = store.begin(snapshot)
     work = CheckpointPass(snapshot, base, ckpt, step, config)
     try:
-        work.open_writers(txn)
-
-        def task(name: str, abort: Cutoff) -> TensorResult:
-            def stop() -> None:
-                if abort.is_set():
-                    raise Cancelled
-                if should_stop():
-                    raise Interrupted(f"stopped in tensor {name!r} of step {step}")
-
-            return work.run_tensor(name, stop)
-
-        def done(name: str, _result: TensorResult) -> None:
-            if on_tensor is not None:
-                on_tensor(name, base.reader.info(name).numel)
-
-        costs = {n: task_bytes(base.reader.info(n).numel, config.width) for n in base.tracked}
-        work.combine(pool.run(costs, task, done))
+        results, partition = backend.compute(work, txn, should_stop, on_tensor)
+        work.combine(results)
         new_meta = _next_meta(
             meta, store, base, ckpt, step, source, work.per_tensor, work.figures(), work.forecasts(),
-            work.next_anchors(), config, time.monotonic() - started, work.bytes_read,
+            work.next_anchors(partition), config, time.monotonic() - started, work.bytes_read,
         )  # fmt: skip
+        if partition is not None:
+            new_meta["partition"] = partition
         committed = txn.commit(work.smalls, new_meta)
     except OSError as exc:
         txn.abort()
@@ -264,8 +320,8 @@ def ingest(
         raise
     finally:
         work.close()
-        if own_pool:
-            pool.close()
+        if own_backend:
+            backend.close()
     seconds = time.monotonic() - started
     return IngestReport(step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"])
 
@@ -321,8 +377,10 @@ class CheckpointPass:
         self.new_anchor_tensors: dict[str, list[float]] = {}
         self.bytes_read = 0
 
-    def open_writers(self, txn: Transaction) -> None:
-        numels = {n: self.base.reader.info(n).numel for n in self.base.tracked}
+    def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:
+        """Writers of the sketch (and new anchor) rows of ``names``: all tracked tensors into one
+        file of the transaction, or one cluster worker's share into its part files."""
+        numels = {n: self.base.reader.info(n).numel for n in names}
         width = self.config.width
         self.sketch = txn.sketch_writer({n: (torch.float32, (width, k)) for n, k in numels.items()})
         if self.make_anchor:
@@ -488,12 +546,13 @@ class CheckpointPass:
             )
         return out
 
-    def next_anchors(self) -> list[dict[str, Any]]:
-        """The anchor records of the next generation: plus the new one, minus those no future
-        checkpoint can use."""
+    def next_anchors(self, partition: Partition | None = None) -> list[dict[str, Any]]:
+        """The anchor records of the next generation: plus the new one (written in ``partition``'s
+        parts when given), minus those no future checkpoint can use."""
         recs = list(self.anchor_recs)
         if self.make_anchor:
-            recs.append({"step": self.step, "observed": self.observed, "tensors": self.new_anchor_tensors})
+            rec = {"step": self.step, "observed": self.observed, "tensors": self.new_anchor_tensors}
+            recs.append(rec | ({"partition": partition} if partition is not None else {}))
         keep = anchors_to_keep([a["step"] for a in recs], self.step, self.config.horizons)
         return [a for a in recs if a["step"] in keep]
 

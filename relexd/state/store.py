@@ -15,6 +15,12 @@ Layout::
         x.safetensors          per tensor x_a ("x/<name>")
       aux/<sha256>             non-weight files of the newest checkpoint (config, tokenizer), by content
 
+A generation written by cluster workers (:mod:`relexd.cluster`) holds its sketch in parts, one file
+per worker (``sketch-<attempt>-<part>.safetensors``, and likewise ``v-…``/``x-…`` in a new anchor),
+named in ``meta.json``'s ``partition`` ({"attempt": hex, "parts": [[tensor, …], …]}). The attempt
+token is new for every try at a generation, so a worker of an abandoned try that is still writing
+can only ever add files nobody references; :meth:`StateStore.cleanup` removes those too.
+
 A commit writes a complete new generation (and any new anchor) aside, fsyncs it, and then publishes it
 by atomically replacing CURRENT. A ``kill -9`` before that rename leaves the previous generation
 published; the unreferenced files are removed by :meth:`StateStore.cleanup` on the next start.
@@ -57,6 +63,22 @@ ANCHOR_KINDS = ("v", "x")  # v_a: the direction, x_a: the delta at the anchor st
 #: ``__metadata__`` of a column-major sketch file
 SKETCH_COLUMNS = {"layout": "columns"}
 
+#: A generation's (or anchor's) ``partition``: {"attempt": hex token, "parts": [[tensor, …], …]}.
+Partition = dict[str, Any]
+
+
+def part_file(stem: str, attempt: str, index: int) -> str:
+    """The file of part ``index`` of a partitioned ``stem`` ("sketch", "v", "x")."""
+    return f"{stem}-{attempt}-{index:03d}.safetensors"
+
+
+def sketch_files(directory: Path, partition: Partition | None, stem: str = "sketch") -> list[Path]:
+    """The files holding ``stem`` in ``directory``: one, or one per part."""
+    if not partition:
+        return [directory / f"{stem}.safetensors"]
+    return [directory / part_file(stem, partition["attempt"], i) for i in range(len(partition["parts"]))]
+
+
 TensorSpecs = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
@@ -95,71 +117,110 @@ class Snapshot:
         )
 
     def sketch(self) -> SketchFile | None:
-        if self.path is None or not (self.path / SKETCH_FILE).exists():
+        if self.path is None:
             return None
-        return SketchFile(self.path / SKETCH_FILE)
+        files = sketch_files(self.path, self.meta.get("partition"))
+        if not all(f.exists() for f in files):
+            return None
+        return SketchFile(files)
 
     def anchor(self, step: int) -> AnchorFiles:
-        return AnchorFiles(self.root / "anchors" / anchor_name(step))
+        record = next((a for a in self.meta.get("anchors", []) if a["step"] == step), {})
+        return AnchorFiles(self.root / "anchors" / anchor_name(step), record.get("partition"))
+
+    def files(self) -> set[Path]:
+        """Every file this generation references in its own directory."""
+        if self.path is None:
+            return set()
+        sketch = sketch_files(self.path, self.meta.get("partition"))
+        return {self.path / META_FILE, self.path / SMALL_FILE, *sketch}
 
     def aux_path(self, digest: str) -> Path:
         return self.root / "aux" / digest
 
 
+class _Files(Closeable):
+    """Several safetensors files read as one: each key lives in exactly one of them."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.parts: list[SafetensorsFile] = []
+        try:
+            for path in paths:
+                self.parts.append(SafetensorsFile(path))
+        except BaseException:
+            self.close()
+            raise
+        self._by_key = {key: f for f in self.parts for key in f.header.tensors}
+
+    def file(self, key: str) -> SafetensorsFile:
+        try:
+            return self._by_key[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is in none of {[str(f.path) for f in self.parts]}") from None
+
+    def close(self) -> None:
+        for f in self.parts:
+            f.close()
+
+
 class SketchFile(Closeable):
-    """One generation's sketch, read as column chunks.
+    """One generation's sketch (one file, or one per part), read as column chunks.
 
     Plain reads into the caller's reused buffer, not a memory mapping: mapped reads of a sketch
     that is not in the page cache (the normal case from 1.5B parameters on: the state outgrows
     RAM) fault it in a few pages at a time, and measured slower than the whole old engine.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.file = SafetensorsFile(path)
-        self.column_major = (self.file.header.metadata or {}).get("layout") == SKETCH_COLUMNS["layout"]
+    def __init__(self, paths: Path | list[Path]) -> None:
+        self._files = _Files([paths] if isinstance(paths, Path) else list(paths))
+        self.column_major = all(
+            (f.header.metadata or {}).get("layout") == SKETCH_COLUMNS["layout"] for f in self._files.parts
+        )
 
     def columns(
         self, name: str, start: int, stop: int, out: torch.Tensor | None = None, count: int | None = None
     ) -> torch.Tensor:
         """Elements ``[start, stop)`` of the first ``count`` basis vectors (default: all, width) of
         tensor ``name``: count × n float32, read into ``out`` (rows contiguous) when given."""
-        shape = self.file.info(name).shape
+        file = self._files.file(name)
+        shape = file.info(name).shape
         n = stop - start
         if not self.column_major:
             width = shape[1]  # the earlier row-major layout: numel × width, read once per old state
-            rows = self.file.read_range(name, start * width, stop * width).reshape(n, width)
+            rows = file.read_range(name, start * width, stop * width).reshape(n, width)
             return rows.T.contiguous()  # products on strided rows measured 50× less accurate
         width, numel = shape
         width = width if count is None else min(count, width)
         if out is None:
             out = torch.empty(width, n, dtype=torch.float32)
         for c in range(width):
-            self.file.read_range(name, c * numel + start, c * numel + stop, out[c, :n])  # in place
+            file.read_range(name, c * numel + start, c * numel + stop, out[c, :n])  # in place
         return out[:width, :n]
 
     def vectors(self, name: str) -> torch.Tensor:
         """The whole basis of tensor ``name`` (width × numel), owned by the caller."""
-        shape = self.file.info(name).shape
+        shape = self._files.file(name).info(name).shape
         numel = shape[1] if self.column_major else shape[0]
         return self.columns(name, 0, numel).clone()
 
     def close(self) -> None:
-        self.file.close()
+        self._files.close()
 
 
-class AnchorFiles:
-    """The two files of one anchor, read as one: keys are "v/<tensor>" and "x/<tensor>"."""
+class AnchorFiles(Closeable):
+    """The files of one anchor, read as one: keys are "v/<tensor>" and "x/<tensor>"."""
 
-    def __init__(self, directory: Path) -> None:
-        self.files = {kind: SafetensorsFile(directory / f"{kind}.safetensors") for kind in ANCHOR_KINDS}
+    def __init__(self, directory: Path, partition: Partition | None = None) -> None:
+        self.directory = directory
+        self.paths = [p for kind in ANCHOR_KINDS for p in sketch_files(directory, partition, kind)]
+        self._files = _Files(self.paths)
 
     def read_range(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements of "v/<tensor>" or "x/<tensor>", into the byte buffer ``out`` when given."""
-        return self.files[key.split("/", 1)[0]].read_range(key, start, stop, out)
+        return self._files.file(key).read_range(key, start, stop, out)
 
     def close(self) -> None:
-        for f in self.files.values():
-            f.close()
+        self._files.close()
 
 
 def read_snapshot(root: Path, *, load_small: bool = True) -> Snapshot:
@@ -231,14 +292,19 @@ class StateStore:
         when no other thread of this process can be half-way through one (the daemon writes its
         small files there while the worker commits).
         """
-        keep_anchors = {anchor_name(a["step"]) for a in snapshot.meta.get("anchors", [])}
+        anchors = {anchor_name(a["step"]): a.get("partition") for a in snapshot.meta.get("anchors", [])}
         keep_aux = set(snapshot.meta.get("aux", {}).values())
         for entry in (self.root / "generations").iterdir():
             if entry.name != snapshot.name:
                 remove_tree(entry)
+            else:
+                _remove_others(entry, snapshot.files())
         for entry in (self.root / "anchors").iterdir():
-            if entry.name not in keep_anchors:
+            if entry.name not in anchors:
                 remove_tree(entry)
+            else:
+                kept = [p for kind in ANCHOR_KINDS for p in sketch_files(entry, anchors[entry.name], kind)]
+                _remove_others(entry, set(kept))
         for entry in (self.root / "aux").iterdir():
             if entry.name not in keep_aux:
                 remove_tree(entry)
@@ -290,20 +356,25 @@ class Transaction:
 
     def anchor_writer(self, step: int, specs: TensorSpecs, kind: str) -> PositionalSafetensorsWriter:
         """Writer of one of the anchor's files (``kind`` "v" or "x"); keys must be "<kind>/<tensor>"."""
+        return self._open_writer(self.anchor_dir(step) / f"{kind}.safetensors", specs)
+
+    def anchor_dir(self, step: int) -> Path:
+        """The new anchor's directory, emptied of what an interrupted commit of the same step left
+        (once per transaction); cluster workers write their parts into it."""
         directory = self.store.root / "anchors" / anchor_name(step)
         if directory not in self.new_anchor_dirs:
-            remove_tree(directory)  # left by an interrupted commit of the same step
-            directory.mkdir(parents=True)
+            remove_tree(directory)
+            try:
+                directory.mkdir(parents=True)
+            except OSError as exc:
+                raise _write_error(directory, exc) from exc
             self.new_anchor_dirs.append(directory)
-        return self._open_writer(directory / f"{kind}.safetensors", specs)
+        return directory
 
     def _open_writer(
         self, path: Path, specs: TensorSpecs, metadata: Mapping[str, str] | None = None
     ) -> PositionalSafetensorsWriter:
-        try:
-            writer = PositionalSafetensorsWriter(path, specs, metadata)
-        except OSError as exc:
-            raise _write_error(path, exc) from exc
+        writer = _new_writer(path, specs, metadata)
         self._writers.append(writer)
         return writer
 
@@ -345,6 +416,59 @@ class Transaction:
             remove_tree(directory)
 
 
+class PartWriters(Closeable):
+    """The writers of one part of a partitioned generation (a cluster worker's share): the same
+    ``sketch_writer``/``anchor_writer`` calls as a :class:`Transaction`, writing part files into
+    directories the coordinator's transaction made. :meth:`close` makes them durable; publishing
+    stays the coordinator's."""
+
+    def __init__(self, generation: Path, anchors: Path | None, attempt: str, index: int) -> None:
+        self.generation, self.anchors = generation, anchors
+        self.attempt, self.index = attempt, index
+        self._writers: list[PositionalSafetensorsWriter] = []
+
+    def sketch_writer(self, specs: TensorSpecs) -> PositionalSafetensorsWriter:
+        path = self.generation / part_file("sketch", self.attempt, self.index)
+        self._writers.append(_new_writer(path, specs, SKETCH_COLUMNS))
+        return self._writers[-1]
+
+    def anchor_writer(self, step: int, specs: TensorSpecs, kind: str) -> PositionalSafetensorsWriter:
+        if self.anchors is None:
+            raise StateError(f"{self.generation}: the coordinator made no directory for anchor {step}")
+        self._writers.append(_new_writer(self.anchors / part_file(kind, self.attempt, self.index), specs))
+        return self._writers[-1]
+
+    def close(self) -> None:
+        try:
+            for writer in self._writers:
+                writer.close()
+        except OSError as exc:
+            self.abort()
+            raise _write_error(self.generation, exc) from exc
+        self._writers.clear()
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
+        self._writers.clear()
+
+
+def _new_writer(
+    path: Path, specs: TensorSpecs, metadata: Mapping[str, str] | None = None
+) -> PositionalSafetensorsWriter:
+    try:
+        return PositionalSafetensorsWriter(path, specs, metadata)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+
+
+def _remove_others(directory: Path, keep: set[Path]) -> None:
+    """Remove what ``directory`` holds besides ``keep`` (a late worker's orphan part files)."""
+    for entry in directory.iterdir():
+        if entry not in keep:
+            remove_tree(entry)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -375,6 +499,7 @@ def disk_usage(root: Path) -> int:
 
 __all__ = [
     "FORMAT_VERSION",
+    "PartWriters",
     "SketchFile",
     "Snapshot",
     "StateStore",

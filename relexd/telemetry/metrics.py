@@ -34,7 +34,7 @@ import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -444,6 +444,33 @@ class RelexdMetrics:
             for outcome in EVAL_OUTCOMES:
                 self.evaluations.labels(kind=kind, outcome=outcome)
 
+        # --- cluster (--ray) ------------------------------------------------------------------------
+        self.cluster_workers = Gauge(
+            "relexd_cluster_workers",
+            "With --ray: ingest workers configured on the Ray cluster; 0 on a single host.",
+            registry=r,
+        )
+        self.cluster_workers_up = Gauge(
+            "relexd_cluster_workers_up",
+            "With --ray: workers whose last call succeeded (a dead or hung one counts as down until "
+            "it answers again). Below relexd_cluster_workers: checkpoints are being retried.",
+            registry=r,
+        )
+        self.cluster_worker_part_seconds = Histogram(
+            "relexd_cluster_worker_part_seconds",
+            "With --ray: wall time of one worker's part of one checkpoint (read, update, write, "
+            "fsync). Compare its spread with relexd_ingest_duration_seconds: a slow worker "
+            "holds up every commit.",
+            buckets=INGEST_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.cluster_workers_lost = Counter(
+            "relexd_cluster_workers_lost_total",
+            "With --ray: parts abandoned because their worker died or hung (the generation was "
+            "retried). Should stay flat.",
+            registry=r,
+        )
+
         # --- process ------------------------------------------------------------------------------
         self.build_info = Gauge(
             "relexd_build_info",
@@ -457,6 +484,19 @@ class RelexdMetrics:
             "1 while the checkpoint watcher (observer and reconcile scans) is running, else 0.",
             registry=r,
         )
+
+    # ------------------------------------------------------------------------------------------
+    # cluster
+    def set_workers(self, workers: Sequence[Any]) -> None:
+        """``workers``: objects with ``up`` (:class:`relexd.cluster.coordinator.WorkerStatus`)."""
+        self.cluster_workers.set(len(workers))
+        self.cluster_workers_up.set(sum(1 for w in workers if w.up))
+
+    def observe_worker_part(self, seconds: float) -> None:
+        self.cluster_worker_part_seconds.observe(seconds)
+
+    def count_worker_lost(self) -> None:
+        self.cluster_workers_lost.inc()
 
     # ------------------------------------------------------------------------------------------
     # progress

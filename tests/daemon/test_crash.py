@@ -105,10 +105,9 @@ def _state_arrays(state: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     arrays = {f"small:{k}": v for k, v in _tensors(snap.path / "small.safetensors").items()}
     arrays.update({f"sketch:{k}": v for k, v in _tensors(snap.path / "sketch.safetensors").items()})
     for anchor in snap.meta["anchors"]:
-        d = snap.anchor(anchor["step"]).files
-        for f in d.values():
-            arrays.update({f"anchor{anchor['step']}:{k}": v for k, v in _tensors(f.path).items()})
-            f.close()
+        with snap.anchor(anchor["step"]) as files:
+            for path in files.paths:
+                arrays.update({f"anchor{anchor['step']}:{k}": v for k, v in _tensors(path).items()})
     return snap.meta, arrays
 
 

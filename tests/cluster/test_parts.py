@@ -1,0 +1,124 @@
+"""A generation computed in parts by several workers is the state one host commits, and any
+worker's failure leaves the published state as it was (in-process transport; the Ray transport
+runs the same in tests/cluster/test_ray.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from relexd.cluster.coordinator import PartitionedTensors
+from relexd.engine import Engine, EngineConfig
+from relexd.errors import CheckpointError, WorkerLost
+from relexd.state.store import read_snapshot
+from tests.cluster.inprocess import InProcess
+from tests.cluster.state_view import assert_same_state, committed
+from tests.engine.planted import write_hf_checkpoint
+from tests.engine.test_workers import STEPS
+
+
+def _engine(state: Path, base: Path, workers: int | None, config: EngineConfig) -> Engine:
+    if workers is None:
+        return Engine(state, base, config)
+    backend = PartitionedTensors(InProcess(base, config, workers), state)
+    return Engine(state, base, config, backend=backend)
+
+
+def _follow(root: Path, base: Path, state: Path, workers: int | None, steps=STEPS, config=None) -> None:
+    config = config or EngineConfig()
+    with _engine(state, base, workers, config) as engine:
+        for step in steps:
+            engine.ingest(root / f"checkpoint-{step}", step)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parts_commit_the_single_host_state_bit_for_bit(
+    run: tuple[Path, Path], reference: Path, tmp_path: Path, workers: int
+) -> None:
+    root, base = run
+    _follow(root, base, tmp_path / "state", workers)
+    assert_same_state(reference, tmp_path / "state")
+    snap = read_snapshot(tmp_path / "state")
+    parts = snap.meta["partition"]["parts"]
+    assert len(parts) == workers and sorted(n for p in parts for n in p) == sorted(snap.meta["per_tensor"])
+    assert set(snap.path.iterdir()) == snap.files()
+    assert len([f for f in snap.files() if f.name.startswith("sketch-")]) == workers
+    meta, _ = committed(tmp_path / "state")
+    assert meta["anchors"]  # the anchors, written in parts too, took part
+
+
+def test_a_changed_worker_count_is_rebalanced_and_changes_nothing(
+    run: tuple[Path, Path], reference: Path, tmp_path: Path
+) -> None:
+    root, base = run
+    state = tmp_path / "state"
+    _follow(root, base, state, 2, STEPS[:3])
+    _follow(root, base, state, 3, STEPS[3:5])  # 2 → 3 workers
+    _follow(root, base, state, None, STEPS[5:])  # and back to one host
+    assert_same_state(reference, state)
+
+
+def test_bad_input_in_one_part_is_the_single_host_error_and_keeps_the_state(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, base = run
+    state = tmp_path / "state"
+    bad = {k: v.clone() for k, v in load_file(root / "checkpoint-20" / "model.safetensors").items()}
+    bad["model.layers.4.mlp.up_proj.weight"].view(-1)[5] = float("nan")
+    write_hf_checkpoint(tmp_path / "bad", bad)
+    with _engine(state, base, 2, EngineConfig()) as engine:
+        engine.ingest(root / "checkpoint-10", 10)
+        before = committed(state)
+        with pytest.raises(CheckpointError, match=r"model\.layers\.4\.mlp") as info:
+            engine.ingest(tmp_path / "bad", 20)
+        assert info.value.reason == "non_finite"
+        assert engine.steps == [10]
+    after = committed(state)
+    assert after[0] == before[0] and all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    assert [p.name for p in (state / "generations").iterdir()] == [read_snapshot(state).name]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_lost_worker_abandons_the_generation_and_the_retry_ends_in_the_same_state(
+    run: tuple[Path, Path], reference: Path, tmp_path: Path, when: str
+) -> None:
+    """Lost before writing anything, or after its part was written (its result never came): the
+    generation is abandoned either way, its files are gone, and retrying ends where one host does."""
+    root, base = run
+    state = tmp_path / "state"
+    config = EngineConfig()
+    transport = InProcess(base, config, 2)
+    with Engine(state, base, config, backend=PartitionedTensors(transport, state)) as engine:
+        for step in STEPS:
+            if step == STEPS[3]:  # an anchor-making checkpoint: its anchor parts are abandoned too
+
+                def lose(index: int, job: object) -> bool:
+                    if index == 1 and when == "before":
+                        raise WorkerLost("worker 1 lost (test)")
+                    return index == 1
+
+                transport.before = lose
+                with pytest.raises(WorkerLost):
+                    engine.ingest(root / f"checkpoint-{step}", step)
+                transport.before = None
+                assert len(list((state / "generations").iterdir())) == 1
+            engine.ingest(root / f"checkpoint-{step}", step)
+    assert_same_state(reference, state)
+
+
+def test_files_no_commit_references_are_removed(run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A worker of an abandoned try that writes late can only add files under its own attempt
+    token; the next commit (and every start) removes them."""
+    root, base = run
+    state = tmp_path / "state"
+    _follow(root, base, state, 2, STEPS[:2])
+    snap = read_snapshot(state)
+    late = snap.path / "sketch-deadbeef-000.safetensors"
+    late.write_bytes(b"late")
+    anchor = state / "anchors" / next(iter(sorted(p.name for p in (state / "anchors").iterdir())))
+    (anchor / "v-deadbeef-001.safetensors").write_bytes(b"late")
+    _follow(root, base, state, 2, STEPS[2:3])
+    assert not list(state.glob("**/*deadbeef*"))
