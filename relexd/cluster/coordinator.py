@@ -13,6 +13,7 @@ in-process one.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -20,11 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from relexd.cluster.partition import next_parts
-from relexd.cluster.worker import PartJob, PartResult
-from relexd.engine.ingest import CheckpointPass, Interrupted, TensorBackend, TensorResult, task_bytes
+from relexd.cluster.partition import balance, next_parts
+from relexd.cluster.worker import PartJob, PartResult, PreviewJob
+from relexd.engine.backend import ShardFiles, TensorBackend
+from relexd.engine.base import BaseModel
+from relexd.engine.ingest import CheckpointPass, Interrupted, TensorResult, task_bytes
 from relexd.errors import WorkerLost
-from relexd.state.store import Partition, Transaction
+from relexd.io.safetensors_file import DTYPES
+from relexd.state.store import Partition, Snapshot, Transaction
 
 #: How often the coordinator looks up from waiting (stop requests, liveness, the deadline).
 POLL_S = 0.5
@@ -35,8 +39,8 @@ class Transport(Protocol):
 
     workers: int
 
-    def submit(self, index: int, job: PartJob) -> Any:
-        """Start ``job`` on worker ``index``; returns a handle."""
+    def submit(self, index: int, job: PartJob | PreviewJob) -> Any:
+        """Start ``job`` on worker ``index`` (:meth:`PartWorker.run`); returns a handle."""
 
     def wait(self, handles: Sequence[Any], timeout: float) -> list[Any]:
         """The handles (some of ``handles``) that have finished, waiting at most ``timeout`` s."""
@@ -101,37 +105,80 @@ class PartitionedTensors(TensorBackend):
             self.rebalanced_from = len(previous["parts"])
         attempt = secrets.token_hex(4)  # a new token per try: a late worker of an old try cannot clash
         anchor_dir = str(txn.anchor_dir(work.step)) if work.make_anchor else None
-        pending: dict[Any, int] = {}
-        for i, names in enumerate(parts):
-            job = PartJob(
-                str(self.state_dir), work.snapshot.name, txn.name, attempt, i, tuple(names),
-                str(work.ckpt.path), work.step, anchor_dir,
-            )  # fmt: skip
-            pending[self.transport.submit(i, job)] = i
+        state, weights, parent = str(self.state_dir), str(work.ckpt.path), work.snapshot.name
+        jobs = [
+            PartJob(state, parent, txn.name, attempt, i, tuple(names), weights, work.step, anchor_dir)
+            for i, names in enumerate(parts)
+        ]
         results: dict[str, TensorResult] = {}
+
+        def collected(part: PartResult) -> None:
+            results.update(part.results)
+            if on_tensor is not None:
+                for name in part.results:
+                    on_tensor(name, base.reader.info(name).numel)
+
+        self._run(jobs, collected, should_stop, f"step {work.step}")
+        return results, {"attempt": attempt, "parts": parts}
+
+    def write_preview_files(
+        self,
+        snapshot: Snapshot,
+        base: BaseModel,
+        target: int,
+        staging: Path,
+        files: ShardFiles,
+        should_stop: Callable[[], bool],
+    ) -> tuple[dict[str, str], int]:
+        """Each worker writes whole shard files (balanced by bytes) into the staging directory."""
+        self._wait_for_restarted()
+        meta = snapshot.meta["tensors"]
+        sizes = {f: sum(_nbytes(meta[n]) for n in names) for f, names in files.items()}
+        shares = [p for p in balance(sizes, self.transport.workers) if p]
+        state = str(self.state_dir)
+        jobs = [
+            PreviewJob(state, snapshot.name, i, target, str(staging), {f: tuple(files[f]) for f in share})
+            for i, share in enumerate(shares)
+        ]
+        weight_map: dict[str, str] = {}
+        total = [0]
+
+        def collected(part: PartResult) -> None:
+            weight_map.update(part.written)
+            total[0] += part.nbytes
+
+        self._run(jobs, collected, should_stop, f"the preview for step {target}")
+        return weight_map, total[0]
+
+    def _run(
+        self,
+        jobs: Sequence[PartJob | PreviewJob],
+        collected: Callable[[PartResult], None],
+        should_stop: Callable[[], bool],
+        what: str,
+    ) -> None:
+        """Send job i to worker i and hand each part to ``collected`` as it comes back; the first
+        failure, a lost worker or the deadline raises (the caller abandons what was written)."""
+        pending = {self.transport.submit(job.index, job): job.index for job in jobs}
         deadline = time.monotonic() + self.timeout_s
         while pending:
             ready = self.transport.wait(list(pending), POLL_S)
             if should_stop():
-                raise Interrupted(f"stopped while the workers computed step {work.step}")
+                raise Interrupted(f"stopped while the workers computed {what}")
             for handle in ready:
                 part = self._collect(handle, pending.pop(handle))
                 if part.failure is not None:
                     part.failure.reraise()
-                results.update(part.results)
-                if on_tensor is not None:
-                    for name in part.results:
-                        on_tensor(name, base.reader.info(name).numel)
+                collected(part)
             if not ready and time.monotonic() > deadline:
                 hung = sorted(pending.values())
                 for i in hung:
                     self.transport.restart(i)
                     self.status[i].up = False
                 raise WorkerLost(
-                    f"relexd worker(s) {hung} sent no result within {self.timeout_s:.0f} s for step "
-                    f"{work.step}; restarted them, the checkpoint will be retried"
+                    f"relexd worker(s) {hung} sent no result within {self.timeout_s:.0f} s for {what}; "
+                    "restarted them, it will be retried"
                 )
-        return results, {"attempt": attempt, "parts": parts}
 
     def _wait_for_restarted(self) -> None:
         """A worker that died or hung is being restarted: send it nothing before it answers."""
@@ -166,3 +213,7 @@ class PartitionedTensors(TensorBackend):
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _nbytes(tensor: dict[str, Any]) -> int:
+    return math.prod(tensor["shape"]) * DTYPES[tensor["dtype"]].itemsize

@@ -31,8 +31,9 @@ from relexd.engine.config import EngineConfig
 from relexd.engine.engine import open_checkpoint
 from relexd.engine.ingest import CheckpointPass, Interrupted, TensorResult, run_tensors
 from relexd.engine.pool import TensorPool
+from relexd.engine.preview import write_preview_files
 from relexd.errors import REASONS, CheckpointError, RelexdError, StateError
-from relexd.state.store import PartWriters, StateWriteError, read_snapshot
+from relexd.state.store import PartWriters, Snapshot, StateWriteError, read_snapshot
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,18 @@ class PartJob:
     weights: str  # the checkpoint's weights on the shared file system
     step: int
     anchor_dir: str | None  # the new anchor's directory, when this checkpoint makes one
+
+
+@dataclass(frozen=True)
+class PreviewJob:
+    """One worker's share of a preview: whole shard files, written into the staging directory."""
+
+    state_dir: str
+    generation: str | None  # the published generation the preview is made from
+    index: int
+    target: int
+    staging: str
+    files: dict[str, tuple[str, ...]]  # source shard file name → its tensors
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,9 @@ class PartResult:
     """What a worker hands back: its tensors' results, or the failure that stopped it."""
 
     index: int
-    results: dict[str, TensorResult] = field(default_factory=dict)
+    results: dict[str, TensorResult] = field(default_factory=dict)  # an ingest part's tensors
+    written: dict[str, str] = field(default_factory=dict)  # a preview part's tensor → file
+    nbytes: int = 0  # a preview part's bytes
     failure: Failure | None = None
     seconds: float = 0.0
     host: str = ""
@@ -121,23 +136,29 @@ class PartWorker:
     def identity(self) -> tuple[str, int]:
         return socket.gethostname(), os.getpid()
 
-    def ingest_part(self, job: PartJob) -> PartResult:
+    def run(self, job: PartJob | PreviewJob) -> PartResult:
+        """Do one job; every failure comes back as data (see the module docstring)."""
         started = time.monotonic()
         host, pid = self.identity()
+        part = PartResult(job.index, host=host, pid=pid)
         try:
-            results = self._ingest(job)
-        except Exception as exc:  # every failure goes back as data (see the module docstring)
-            return PartResult(job.index, failure=Failure.of(exc), host=host, pid=pid)
-        return PartResult(job.index, results, None, time.monotonic() - started, host, pid)
+            if isinstance(job, PartJob):
+                part.results = self._ingest(job)
+            else:
+                part.written, part.nbytes = self._preview(job)
+        except Exception as exc:
+            part.failure = Failure.of(exc)
+            return part
+        part.seconds = time.monotonic() - started
+        return part
+
+    def _preview(self, job: PreviewJob) -> tuple[dict[str, str], int]:
+        snapshot = _published(Path(job.state_dir), job.generation)
+        return write_preview_files(snapshot, self.base(), job.target, Path(job.staging), job.files)
 
     def _ingest(self, job: PartJob) -> dict[str, TensorResult]:
         state = Path(job.state_dir)
-        snapshot = read_snapshot(state)
-        if snapshot.name != job.parent:
-            raise StateError(
-                f"{state}: the published generation is {snapshot.name}, the coordinator builds on "
-                f"{job.parent}; is another relexd writing this state?"
-            )
+        snapshot = _published(state, job.parent)
         base = self.base()
         with open_checkpoint(Path(job.weights), base) as ckpt:
             work = CheckpointPass(snapshot, base, ckpt, job.step, self.config)
@@ -162,3 +183,14 @@ class PartWorker:
         self.pool.close()
         if self._base is not None:
             self._base.close()
+
+
+def _published(state: Path, expected: str | None) -> Snapshot:
+    """The published state, which must be the generation the coordinator works from."""
+    snapshot = read_snapshot(state)
+    if snapshot.name != expected:
+        raise StateError(
+            f"{state}: the published generation is {snapshot.name}, the coordinator works from "
+            f"{expected}; is another relexd writing this state?"
+        )
+    return snapshot

@@ -54,9 +54,10 @@ from relexd.daemon.intake import Intake, ScanNews, Waiting
 from relexd.daemon.liveness import Liveness
 from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
+from relexd.engine.backend import TensorBackend
 from relexd.engine.config import available_cores
 from relexd.engine.engine import Engine
-from relexd.engine.ingest import IngestReport, Interrupted, TensorBackend
+from relexd.engine.ingest import IngestReport, Interrupted
 from relexd.engine.preview import MANIFEST, preview_name
 from relexd.errors import CheckpointError, WorkerLost
 from relexd.io.atomic import write_json_atomic

@@ -18,7 +18,7 @@ from relexd.daemon import previews as pv
 from relexd.daemon.evaluations import EvalLedger
 from relexd.daemon.evaluations import read_ledger as read_evaluations
 from relexd.daemon.missed import read_ledger
-from relexd.daemon.service import DAEMON_FILE
+from relexd.daemon.service import CLUSTER_FILE, DAEMON_FILE
 from relexd.state.store import read_snapshot
 
 
@@ -29,6 +29,9 @@ def collect(state_dir: Path, preview_dir: Path | None = None) -> dict[str, Any]:
     daemon: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         daemon = json.loads((state_dir / DAEMON_FILE).read_text(encoding="utf-8"))
+    cluster: dict[str, Any] | None = None
+    with contextlib.suppress(OSError, ValueError):
+        cluster = json.loads((state_dir / CLUSTER_FILE).read_text(encoding="utf-8"))
     if preview_dir is None:
         preview_dir = Path(daemon.get("preview_dir") or state_dir / "previews")
     previews = []
@@ -58,6 +61,8 @@ def collect(state_dir: Path, preview_dir: Path | None = None) -> dict[str, Any]:
         "preview_dir": str(preview_dir),
         "previews": previews,
         "evaluations": evaluations,
+        "cluster": cluster,
+        "partition": [len(p) for p in (meta.get("partition") or {}).get("parts", [])] or None,
     }
 
 
@@ -107,6 +112,18 @@ def _missed_text(missed: dict[str, Any]) -> str:
     return f"{total} ({why}); latest: steps {', '.join(map(str, runs))}"
 
 
+def _cluster_text(cluster: dict[str, Any] | None, partition: list[int] | None) -> str:
+    """Workers up, where they run and their last part's seconds; the state's partition."""
+    parts = f"state in {len(partition)} parts ({', '.join(map(str, partition))} tensors)" if partition else ""
+    if not cluster:
+        return parts
+    workers = cluster["workers"]
+    each = ", ".join(
+        f"{w['host']}:{w['pid']} {'up' if w['up'] else 'DOWN'} {_fmt(w['last_seconds'])} s" for w in workers
+    )
+    return f"{cluster['up']} of {len(workers)} up ({each}); {parts}".rstrip("; ")
+
+
 def render(info: dict[str, Any], console: Console) -> None:
     """Print the status as rich tables."""
     overview = Table(title=f"relexd state {info['state_dir']}", show_header=False)
@@ -120,6 +137,8 @@ def render(info: dict[str, Any], console: Console) -> None:
         overview.add_row("ingesting", f"only checkpoints ≥ {info['ingest_every']} steps apart (--every)")
     overview.add_row("missed checkpoints", _missed_text(info["missed"]))
     overview.add_row("newest checkpoint", _fmt(info["last_source"]))
+    if info["cluster"] or info["partition"]:
+        overview.add_row("cluster workers", _cluster_text(info["cluster"], info["partition"]))
     for key, value in info["figures"].items():
         overview.add_row(key.replace("_", " "), _fmt(value))
     console.print(overview)

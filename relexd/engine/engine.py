@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from relexd._closeable import Closeable
+from relexd.engine.backend import LocalTensors, TensorBackend
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
-from relexd.engine.ingest import IngestReport, LocalTensors, TensorBackend, ingest
+from relexd.engine.ingest import IngestReport, ingest
 from relexd.engine.memory import pin_mmap_threshold
 from relexd.engine.pool import TensorPool
 from relexd.engine.preview import write_preview
@@ -133,7 +134,9 @@ class Engine(Closeable):
         self, target: int, out_dir: Path, *, should_stop: Callable[[], bool] = lambda: False
     ) -> Path:
         self._use_threads()
-        return write_preview(self.snapshot, self.base, target, Path(out_dir), should_stop=should_stop)
+        return write_preview(
+            self.snapshot, self.base, target, Path(out_dir), should_stop=should_stop, backend=self.backend
+        )
 
     def summary(self) -> dict[str, Any]:
         meta = self.snapshot.meta

@@ -1,7 +1,8 @@
 """Ingest one checkpoint: stream its tensors through the estimators and commit a new generation.
 
 Tensors are independent: each is one task of a :class:`~relexd.engine.pool.TensorPool`, computed by
-one worker thread on one core, which writes its results into their fixed places in the new files.
+one worker thread on one core, which writes its results into their fixed places in the new files
+(on this host, or on cluster workers: :mod:`relexd.engine.backend`).
 
 Memory: a task holds its tensor's delta x (float32) while its sketch is updated; the sketch, the
 base, the anchors and the checkpoint are read in chunks of :data:`CHUNK_ELEMS` elements. Peak RSS is
@@ -21,11 +22,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from relexd._closeable import Closeable
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool
@@ -44,6 +44,9 @@ from relexd.math.confidence import (
 from relexd.math.fit import fit_line
 from relexd.math.sketch import SmallState, make_update
 from relexd.state.store import Partition, PartWriters, Snapshot, StateStore, StateWriteError, Transaction
+
+if TYPE_CHECKING:
+    from relexd.engine.backend import TensorBackend
 
 #: Elements per chunk: 4 MiB of float32 — big enough for fast BLAS, small against any real tensor,
 #: and small enough that the float64 temporaries of a chunk stay a few tens of MB.
@@ -196,47 +199,6 @@ def task_bytes(numel: int, width: int) -> int:
     return 4 * numel + 4 * (2 * width + 4) * min(numel, CHUNK_ELEMS)
 
 
-class TensorBackend(Closeable):
-    """Where a checkpoint's tensors are computed: the one seam between the engine's bookkeeping
-    (validation, forecasts, meta, commit — always in the coordinating process) and the per-tensor
-    work. :class:`LocalTensors` runs them on this host's worker threads; relexd.cluster's Ray
-    backend on the workers of a Ray cluster, each writing its part of the new generation."""
-
-    def compute(
-        self,
-        work: CheckpointPass,
-        txn: Transaction,
-        should_stop: Callable[[], bool],
-        on_tensor: Callable[[str, int], None] | None,
-    ) -> tuple[dict[str, TensorResult], Partition | None]:
-        """Every tracked tensor's result, its sketch (and new anchor) rows written into ``txn``'s
-        generation; plus the partition of the files written (None: one file, by ``txn``)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class LocalTensors(TensorBackend):
-    """This host's :class:`~relexd.engine.pool.TensorPool`: one sketch file written by ``txn``."""
-
-    def __init__(self, pool: TensorPool) -> None:
-        self.pool = pool
-
-    def compute(
-        self,
-        work: CheckpointPass,
-        txn: Transaction,
-        should_stop: Callable[[], bool],
-        on_tensor: Callable[[str, int], None] | None,
-    ) -> tuple[dict[str, TensorResult], Partition | None]:
-        work.open_writers(txn, work.base.tracked)
-        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor), None
-
-    def close(self) -> None:
-        self.pool.close()
-
-
 def run_tensors(
     work: CheckpointPass,
     pool: TensorPool,
@@ -272,14 +234,14 @@ def ingest(
     step: int,
     config: EngineConfig,
     *,
-    backend: TensorBackend | None = None,
+    backend: TensorBackend,
     source: Path | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> IngestReport:
     """Fold checkpoint ``ckpt`` (at ``step``) into the state; returns the committed snapshot.
 
-    The tensors are computed by ``backend`` (one local worker when None); the state written is
+    The tensors are computed by ``backend`` (:mod:`relexd.engine.backend`); the state written is
     the same for any number of workers, local or not.
     """
     started = time.monotonic()
@@ -296,8 +258,6 @@ def ingest(
         if alias in ckpt.names():
             check_tie(base, ckpt, alias)
 
-    own_backend = backend is None
-    backend = backend or LocalTensors(TensorPool(1))
     txn = store.begin(snapshot)
     work = CheckpointPass(snapshot, base, ckpt, step, config)
     try:
@@ -320,8 +280,6 @@ def ingest(
         raise
     finally:
         work.close()
-        if own_backend:
-            backend.close()
     seconds = time.monotonic() - started
     return IngestReport(step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"])
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,9 @@ from relexd.engine.ingest import CHUNK_ELEMS, Interrupted, spans
 from relexd.io.atomic import publish_dir, remove_tree
 from relexd.io.safetensors_file import DTYPES, StreamingSafetensorsWriter
 from relexd.state.store import SketchFile, Snapshot
+
+if TYPE_CHECKING:
+    from relexd.engine.backend import TensorBackend
 
 MANIFEST = "relexd-preview.json"
 
@@ -60,25 +64,56 @@ def write_preview(
     out_dir: Path,
     *,
     should_stop: Callable[[], bool] = lambda: False,
+    backend: TensorBackend | None = None,
 ) -> Path:
     """Compute and publish the preview for step ``target`` at ``out_dir/step-<target>``.
 
     ``should_stop`` is polled before each tensor; when it says stop, the staging directory is
     removed and :class:`Interrupted` raised — nothing is published, the previous preview stays.
+    ``backend`` writes the shard files (cluster workers write their share into the staging
+    directory); the index, the loader's files, the manifest and the publishing stay here.
     """
     meta = snapshot.meta
     if not meta.get("steps"):
         raise ValueError("no checkpoint observed yet: nothing to extrapolate from")
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / preview_name(target)
-    staging = out_dir / f".tmp-{preview_name(target)}-{os.getpid()}"
-    remove_tree(staging)
+    # unique per try: a cluster worker of an abandoned try can never write into a later one
+    staging = out_dir / f".tmp-{preview_name(target)}-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
-    sketch = snapshot.sketch()
     try:
         files = meta["layout"]["files"]
-        weight_map: dict[str, str] = {}
-        total = 0
+        write = write_preview_files if backend is None else backend.write_preview_files
+        weight_map, total = write(snapshot, base, target, staging, files, should_stop)
+        # a single model.safetensors or adapter needs no index; shard files (even one) do
+        if set(weight_map.values()) - {"model.safetensors", "adapter_model.safetensors"}:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for fname, digest in meta.get("aux", {}).items():
+            shutil.copyfile(snapshot.aux_path(digest), staging / fname)
+        (staging / MANIFEST).write_text(json.dumps(manifest(snapshot, target), indent=2) + "\n")
+        publish_dir(staging, final)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    return final
+
+
+def write_preview_files(
+    snapshot: Snapshot,
+    base: BaseModel,
+    target: int,
+    staging: Path,
+    files: Mapping[str, Sequence[str]],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[dict[str, str], int]:
+    """Write the shard ``files`` (source file name → its tensors) of the preview for ``target``
+    into ``staging``, each fsync'd; returns (tensor → output file, bytes written)."""
+    meta = snapshot.meta
+    weight_map: dict[str, str] = {}
+    total = 0
+    sketch = snapshot.sketch()
+    try:
         for source_name, names in files.items():
             out_name = output_file_name(source_name)
             specs = {
@@ -92,21 +127,10 @@ def write_preview(
                     _write_tensor(writer, name, dtype, snapshot, sketch, base, target)
                     weight_map[name] = out_name
                     total += _nbytes(specs[name])
-        # a single model.safetensors or adapter needs no index; shard files (even one) do
-        if set(weight_map.values()) - {"model.safetensors", "adapter_model.safetensors"}:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for fname, digest in meta.get("aux", {}).items():
-            shutil.copyfile(snapshot.aux_path(digest), staging / fname)
-        (staging / MANIFEST).write_text(json.dumps(manifest(snapshot, target), indent=2) + "\n")
-        publish_dir(staging, final)
-    except BaseException:
-        remove_tree(staging)
-        raise
     finally:
         if sketch is not None:
             sketch.close()
-    return final
+    return weight_map, total
 
 
 def _nbytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:

@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relexd.cluster.worker import PartJob, PartResult, PartWorker
+from relexd.cluster.worker import PartJob, PartResult, PartWorker, PreviewJob
 from relexd.engine.config import EngineConfig
 from relexd.errors import WorkerLost
 
@@ -20,13 +20,13 @@ class InProcess:
         self._ids = itertools.count()
         #: called with (index, job) before a part runs; may raise WorkerLost, or return True to
         #: have the part "die" after it ran (files written, result lost)
-        self.before: Callable[[int, PartJob], bool] | None = None
+        self.before: Callable[[int, PartJob | PreviewJob], bool] | None = None
         self.restarted: list[int] = []
 
-    def submit(self, index: int, job: PartJob) -> int:
+    def submit(self, index: int, job: PartJob | PreviewJob) -> int:
         handle = next(self._ids)
         lose = self.before(index, job) if self.before else False
-        result = self.parts[index].ingest_part(job)
+        result = self.parts[index].run(job)
         self._done[handle] = None if lose else result
         return handle
 

@@ -15,13 +15,16 @@ from relexd.state.store import read_snapshot
 VOLATILE = ("last_time", "created", "partition")
 
 
-def committed(state: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def committed(state: Path, *, sources: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``sources=False``: leave out where the checkpoints were read from (another run directory)."""
     snap = read_snapshot(state)
     meta = copy.deepcopy(snap.meta)
-    for key in VOLATILE:
+    for key in VOLATILE + (() if sources else ("last_source",)):
         meta.pop(key, None)
     for rec in meta["history"]:
         rec.pop("time"), rec.pop("seconds")
+        if not sources:
+            rec.pop("source")
     for anchor in meta["anchors"]:
         anchor.pop("partition", None)
     arrays = {f"small/{k}": v for k, v in snap._small.items()}
@@ -40,8 +43,8 @@ def committed(state: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, arrays
 
 
-def assert_same_state(a: Path, b: Path) -> None:
-    (meta_a, arrays_a), (meta_b, arrays_b) = committed(a), committed(b)
+def assert_same_state(a: Path, b: Path, *, sources: bool = True) -> None:
+    (meta_a, arrays_a), (meta_b, arrays_b) = committed(a, sources=sources), committed(b, sources=sources)
     assert meta_a == meta_b
     assert sorted(arrays_a) == sorted(arrays_b)
     for key, value in arrays_a.items():

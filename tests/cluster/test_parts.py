@@ -16,6 +16,7 @@ from relexd.errors import CheckpointError, WorkerLost
 from relexd.state.store import read_snapshot
 from tests.cluster.inprocess import InProcess
 from tests.cluster.state_view import assert_same_state, committed
+from tests.daemon.trainer_sim import hf_save
 from tests.engine.planted import write_hf_checkpoint
 from tests.engine.test_workers import STEPS
 
@@ -122,3 +123,34 @@ def test_files_no_commit_references_are_removed(run: tuple[Path, Path], tmp_path
     (anchor / "v-deadbeef-001.safetensors").write_bytes(b"late")
     _follow(root, base, state, 2, STEPS[2:3])
     assert not list(state.glob("**/*deadbeef*"))
+
+
+def _preview_tensors(preview: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(preview.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_a_preview_written_by_the_workers_equals_the_single_host_one(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Each worker writes whole shard files into the staging directory; the coordinator writes
+    the index, the loader's files and the manifest, and publishes. The newest checkpoint is saved
+    in 4 shards, so the preview has 4 files for 3 workers."""
+    root, base = run
+    last = STEPS[-1]
+    tensors = {k: v for k, v in load_file(root / f"checkpoint-{last}" / "model.safetensors").items()}
+    sharded_ckpt = hf_save(tmp_path / "sharded-run", last, tensors, shards=4)
+    previews = {}
+    for workers in (None, 3):
+        state = tmp_path / f"state-{workers}"
+        _follow(root, base, state, workers, STEPS[:-1])
+        with _engine(state, base, workers, EngineConfig()) as engine:
+            engine.ingest(sharded_ckpt, last)
+            previews[workers] = engine.write_preview(140, tmp_path / f"previews-{workers}")
+    single, sharded = previews[None], previews[3]
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert len(list(sharded.glob("model-*.safetensors"))) == 4
+    a, b = _preview_tensors(single), _preview_tensors(sharded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    index = "model.safetensors.index.json"
+    assert (sharded / index).read_text() == (single / index).read_text()
+    assert not [p for p in sharded.parent.iterdir() if p.name.startswith(".tmp-")]

@@ -1,0 +1,86 @@
+"""Where the per-tensor work runs: the one seam between the engine's bookkeeping — validation,
+forecasts, meta, commit, the preview's index and manifest, always in the coordinating process —
+and the tensors themselves.
+
+:class:`LocalTensors` runs them on this host's :class:`~relexd.engine.pool.TensorPool`; the
+cluster backend (:class:`relexd.cluster.coordinator.PartitionedTensors`) on the workers of a Ray
+cluster, each writing its part of the new generation or its share of a preview's shard files.
+Results do not depend on the backend: each tensor is computed by the same code, and everything
+computed across tensors is combined by the engine in tensor order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from relexd._closeable import Closeable
+from relexd.engine.base import BaseModel
+from relexd.engine.ingest import CheckpointPass, TensorResult, run_tensors
+from relexd.engine.pool import TensorPool
+from relexd.engine.preview import write_preview_files
+from relexd.state.store import Partition, Snapshot, Transaction
+
+#: a preview's shard files: source file name → the tensors it holds (``meta["layout"]["files"]``)
+ShardFiles = Mapping[str, Sequence[str]]
+
+
+class TensorBackend(Closeable):
+    """Computes a checkpoint's tensors, and writes a preview's shard files."""
+
+    def compute(
+        self,
+        work: CheckpointPass,
+        txn: Transaction,
+        should_stop: Callable[[], bool],
+        on_tensor: Callable[[str, int], None] | None,
+    ) -> tuple[dict[str, TensorResult], Partition | None]:
+        """Every tracked tensor's result, its sketch (and new anchor) rows written into ``txn``'s
+        generation; plus the partition of the files written (None: one file, by ``txn``)."""
+        raise NotImplementedError
+
+    def write_preview_files(
+        self,
+        snapshot: Snapshot,
+        base: BaseModel,
+        target: int,
+        staging: Path,
+        files: ShardFiles,
+        should_stop: Callable[[], bool],
+    ) -> tuple[dict[str, str], int]:
+        """Write the preview's shard ``files`` into ``staging``; returns (tensor → file, bytes)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalTensors(TensorBackend):
+    """This host's worker threads: one sketch file, written by the transaction."""
+
+    def __init__(self, pool: TensorPool) -> None:
+        self.pool = pool
+
+    def compute(
+        self,
+        work: CheckpointPass,
+        txn: Transaction,
+        should_stop: Callable[[], bool],
+        on_tensor: Callable[[str, int], None] | None,
+    ) -> tuple[dict[str, TensorResult], Partition | None]:
+        work.open_writers(txn, work.base.tracked)
+        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor), None
+
+    def write_preview_files(
+        self,
+        snapshot: Snapshot,
+        base: BaseModel,
+        target: int,
+        staging: Path,
+        files: ShardFiles,
+        should_stop: Callable[[], bool],
+    ) -> tuple[dict[str, str], int]:
+        return write_preview_files(snapshot, base, target, staging, files, should_stop)
+
+    def close(self) -> None:
+        self.pool.close()
