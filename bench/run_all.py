@@ -5,7 +5,8 @@
 ``--only ingest preview`` runs a subset; ``formats`` compares the checkpoint formats; ``demo`` is
 the demo's extrapolation table (5 demo runs, ~8 min, or 2 with ``--quick``); ``trust`` which of
 relexd's signals said "trust" when a preview lost, over 4 learning rates × 3 seeds (~40 min; 2 runs
-with ``--quick``); ``beside`` what relexd costs a training loop it follows (~6 min). Benchmarks run one
+with ``--quick``); ``beside`` what relexd costs a training loop it follows (~6 min); ``cluster`` ingest
+on 1 and 2 Ray workers against 2 local threads (~7 min, the ``relexd[ray]`` extra). Benchmarks run one
 after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
 """
 
@@ -20,7 +21,10 @@ from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
 from relexd.engine.config import DEFAULT_RANK, available_cores
 
-BENCHMARKS = ("accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside")
+BENCHMARKS = (
+    "accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside",
+    "cluster",
+)  # fmt: skip
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -129,6 +133,13 @@ def main() -> None:
         steps, rounds = (24, 1) if args.quick else (80, 3)
         text = beside_trainer.run_and_report(steps, rounds, beside_trainer.trainer_threads())
         save("beside-trainer", text, time.perf_counter() - t0)
+    if "cluster" in args.only:
+        from bench import cluster
+
+        t0 = time.perf_counter()
+        shape = QWEN25_05B.smaller(2, 16384) if args.quick else QWEN25_05B
+        result = cluster.run(3 if args.quick else 5, DEFAULT_RANK, shape)
+        save("cluster", cluster.report(result), time.perf_counter() - t0)
     print(f"\nall done in {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -1,6 +1,6 @@
 """The coordinator's side of a partitioned ingest, independent of how workers are reached.
 
-:class:`PartitionedTensors` is the engine's :class:`~relexd.engine.ingest.TensorBackend` for a
+:class:`PartitionedTensors` is the engine's :class:`~relexd.engine.backend.TensorBackend` for a
 cluster: it splits the tracked tensors into parts (:mod:`relexd.cluster.partition`), makes the new
 anchor's directory, sends each worker its :class:`~relexd.cluster.worker.PartJob` through a
 :class:`Transport`, and waits — polling ``should_stop`` (shutdown, liveness beats) — until every
@@ -25,7 +25,7 @@ from relexd.cluster.partition import balance, next_parts
 from relexd.cluster.worker import PartJob, PartResult, PreviewJob
 from relexd.engine.backend import ShardFiles, TensorBackend
 from relexd.engine.base import BaseModel
-from relexd.engine.ingest import CheckpointPass, Interrupted, TensorResult, task_bytes
+from relexd.engine.ingest import CheckpointPass, Interrupted, TensorResult
 from relexd.errors import WorkerLost
 from relexd.io.safetensors_file import DTYPES
 from relexd.state.store import Partition, Snapshot, Transaction
@@ -98,7 +98,7 @@ class PartitionedTensors(TensorBackend):
     ) -> tuple[dict[str, TensorResult], Partition | None]:
         self._wait_for_restarted()
         base = work.base
-        sizes = {n: task_bytes(base.reader.info(n).numel, work.config.width) for n in base.tracked}
+        sizes = {n: io_bytes(base, n, work.config.width) for n in base.tracked}
         previous = work.snapshot.meta.get("partition")
         parts, rebalanced = next_parts(previous, sizes, self.transport.workers)
         if rebalanced and previous:
@@ -217,3 +217,11 @@ class PartitionedTensors(TensorBackend):
 
 def _nbytes(tensor: dict[str, Any]) -> int:
     return math.prod(tensor["shape"]) * DTYPES[tensor["dtype"]].itemsize
+
+
+def io_bytes(base: BaseModel, name: str, width: int) -> int:
+    """What one checkpoint costs a worker for tensor ``name``: the checkpoint's and the base's
+    values read (both taken in the base's dtype), the old sketch read and the new one written
+    (``width`` float32 columns each) — the bytes the split balances."""
+    info = base.reader.info(name)
+    return info.numel * (2 * info.dtype.itemsize + 2 * 4 * width)

@@ -187,6 +187,9 @@ def watch(
     per_tensor_metrics: Annotated[
         bool, typer.Option(help="Export per-tensor series (many!).", envvar=_env("per_tensor_metrics"))
     ] = False,
+    per_worker_metrics: Annotated[
+        bool, typer.Option(help="With --ray: export per-worker series.", envvar=_env("per_worker_metrics"))
+    ] = False,
     stall_threshold: Annotated[
         float | None,
         typer.Option(
@@ -272,6 +275,7 @@ def watch(
             ),
             listen=listen or None,
             per_tensor_metrics=per_tensor_metrics,
+            per_worker_metrics=per_worker_metrics,
             once=once,
             threads=threads,
             memory_budget=parse_size(memory_budget),
@@ -280,7 +284,7 @@ def watch(
             ray_cpus_per_worker=ray_cpus_per_worker,
             ray_timeout=ray_timeout,
         )
-        metrics = RelexdMetrics(per_tensor=per_tensor_metrics)
+        metrics = RelexdMetrics(per_tensor=per_tensor_metrics, per_worker=per_worker_metrics)
         if stall_threshold is not None:
             metrics.set_stall_threshold(stall_threshold)
         service = WatchService(settings, metrics)

@@ -54,6 +54,7 @@ class WatchSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     listen: str | None = None  # None: no HTTP endpoint
     per_tensor_metrics: bool = False
+    per_worker_metrics: bool = False  # with --ray: one series per worker
     once: bool = False  # ingest what is complete, refresh previews, exit
     #: ingest worker threads, each computing one tensor at a time on one core (None: every core
     #: this process may use); the results do not depend on it

@@ -59,7 +59,7 @@ from relexd.engine.config import available_cores
 from relexd.engine.engine import Engine
 from relexd.engine.ingest import IngestReport, Interrupted
 from relexd.engine.preview import MANIFEST, preview_name
-from relexd.errors import CheckpointError, WorkerLost
+from relexd.errors import CheckpointError, RelexdError, WorkerLost
 from relexd.io.atomic import write_json_atomic
 from relexd.io.layouts import CheckpointRef, being_removed
 from relexd.state.store import StateWriteError
@@ -97,7 +97,11 @@ class WatchService:
 
     def __init__(self, settings: WatchSettings, metrics: RelexdMetrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or RelexdMetrics(version=__version__, per_tensor=settings.per_tensor_metrics)
+        self.metrics = metrics or RelexdMetrics(
+            version=__version__,
+            per_tensor=settings.per_tensor_metrics,
+            per_worker=settings.per_worker_metrics,
+        )
         self.stop_event = threading.Event()
         self._scan_wake = threading.Event()  # something changed in the run directory
         self._work_wake = threading.Event()  # a checkpoint became ready
@@ -692,8 +696,10 @@ class WatchService:
             except Interrupted:
                 bound.info("preview abandoned for shutdown; the previous one is kept")
                 return
-            except OSError as exc:
+            except (OSError, RelexdError) as exc:  # disk full; with --ray also a lost worker
                 ok = False
+                if isinstance(exc, WorkerLost):
+                    self.metrics.count_worker_lost()
                 bound.error("cannot write preview; previous one kept, will retry", error=str(exc))
                 continue
             seconds = time.monotonic() - started

@@ -134,6 +134,19 @@ _STALL_THRESHOLD_HELP = (
     "alert fires. Absent: the alert rule's default (30 min) applies."
 )
 
+#: Opt-in per-worker series of ``--ray`` (``--per-worker-metrics``): name → (help, labels).
+_WORKER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "relexd_cluster_worker_up": (
+        "With --ray and --per-worker-metrics: 1 while this worker's last call succeeded.",
+        ("worker",),
+    ),
+    "relexd_cluster_worker_last_part_seconds": (
+        "With --ray and --per-worker-metrics: wall time of this worker's part of the newest "
+        "checkpoint; a worker always slower than the others holds up every commit.",
+        ("worker",),
+    ),
+}
+
 #: Reward-space figures from the evaluation hook (relexd.math.realized); absent until known.
 _EVAL_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "relexd_checkpoint_eval_score": (
@@ -285,6 +298,8 @@ class RelexdMetrics:
         version: value of ``relexd_build_info{version}``.
         per_tensor: also export ``relexd_tensor_energy_ratio{tensor}`` (one series per tensor —
             thousands for an LLM; off by default, DESIGN.md §4).
+        per_worker: with ``--ray``, also export ``relexd_cluster_worker_up{worker}`` and
+            ``relexd_cluster_worker_last_part_seconds{worker}`` (one series per worker).
         registry: registry to register into; a fresh one by default.
         process_metrics: add the standard ``process_*``/``python_info`` collectors to the registry
             (memory, CPU, open fds, start time) — they are what you look at when ingestion is slow.
@@ -295,11 +310,13 @@ class RelexdMetrics:
         *,
         version: str = __version__,
         per_tensor: bool = False,
+        per_worker: bool = False,
         registry: CollectorRegistry | None = None,
         process_metrics: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.per_tensor = per_tensor
+        self.per_worker = per_worker
         r = self.registry
 
         if process_metrics:
@@ -315,6 +332,8 @@ class RelexdMetrics:
         families.update(_EVAL_HELP)
         if per_tensor:
             families["relexd_tensor_energy_ratio"] = (_TENSOR_ENERGY_HELP, ("tensor",))
+        if per_worker:
+            families.update(_WORKER_HELP)
         self._optional = _SnapshotCollector(families)
         r.register(self._optional)
 
@@ -488,9 +507,17 @@ class RelexdMetrics:
     # ------------------------------------------------------------------------------------------
     # cluster
     def set_workers(self, workers: Sequence[Any]) -> None:
-        """``workers``: objects with ``up`` (:class:`relexd.cluster.coordinator.WorkerStatus`)."""
+        """``workers``: :class:`relexd.cluster.coordinator.WorkerStatus` (``index``, ``up``,
+        ``last_seconds``)."""
         self.cluster_workers.set(len(workers))
         self.cluster_workers_up.set(sum(1 for w in workers if w.up))
+        if self.per_worker:
+            up = {(str(w.index),): float(w.up) for w in workers}
+            self._optional.replace("relexd_cluster_worker_up", up)
+            self._optional.replace(
+                "relexd_cluster_worker_last_part_seconds",
+                {(str(w.index),): w.last_seconds for w in workers if w.last_seconds is not None},
+            )
 
     def observe_worker_part(self, seconds: float) -> None:
         self.cluster_worker_part_seconds.observe(seconds)

@@ -4,6 +4,7 @@ without Ray (tests/cluster/test_ray.py runs the same through real Ray actors).""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,21 +18,27 @@ class InProcess:
         self.workers = workers
         self.parts = [PartWorker(str(base), config) for _ in range(workers)]
         self._done: dict[int, PartResult | None] = {}
+        self._worker: dict[int, int] = {}  # handle → worker
         self._ids = itertools.count()
         #: called with (index, job) before a part runs; may raise WorkerLost, or return True to
         #: have the part "die" after it ran (files written, result lost)
         self.before: Callable[[int, PartJob | PreviewJob], bool] | None = None
         self.restarted: list[int] = []
+        self.hung: set[int] = set()  # workers whose parts never come back
 
     def submit(self, index: int, job: PartJob | PreviewJob) -> int:
         handle = next(self._ids)
+        self._worker[handle] = index
         lose = self.before(index, job) if self.before else False
         result = self.parts[index].run(job)
         self._done[handle] = None if lose else result
         return handle
 
     def wait(self, handles: Sequence[int], timeout: float) -> list[int]:
-        return list(handles)
+        ready = [h for h in handles if self._worker[h] not in self.hung]
+        if not ready:
+            time.sleep(timeout)
+        return ready
 
     def result(self, handle: int, index: int) -> PartResult:
         result = self._done.pop(handle)

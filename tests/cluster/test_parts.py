@@ -110,6 +110,26 @@ def test_a_lost_worker_abandons_the_generation_and_the_retry_ends_in_the_same_st
     assert_same_state(reference, state)
 
 
+def test_a_hung_worker_is_restarted_after_the_timeout_and_the_generation_abandoned(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, base = run
+    state = tmp_path / "state"
+    config = EngineConfig()
+    transport = InProcess(base, config, 2)
+    backend = PartitionedTensors(transport, state, timeout_s=1.0)
+    with Engine(state, base, config, backend=backend) as engine:
+        engine.ingest(root / "checkpoint-10", 10)
+        transport.hung = {1}
+        with pytest.raises(WorkerLost, match=r"worker\(s\) \[1\] sent no result within 1 s"):
+            engine.ingest(root / "checkpoint-20", 20)
+        assert transport.restarted == [1] and not backend.status[1].up
+        assert engine.steps == [10] and len(list((state / "generations").iterdir())) == 1
+        transport.hung = set()
+        engine.ingest(root / "checkpoint-20", 20)  # probed back up first, then the retry
+        assert engine.steps == [10, 20] and backend.status[1].up
+
+
 def test_files_no_commit_references_are_removed(run: tuple[Path, Path], tmp_path: Path) -> None:
     """A worker of an abandoned try that writes late can only add files under its own attempt
     token; the next commit (and every start) removes them."""
@@ -154,3 +174,28 @@ def test_a_preview_written_by_the_workers_equals_the_single_host_one(
     index = "model.safetensors.index.json"
     assert (sharded / index).read_text() == (single / index).read_text()
     assert not [p for p in sharded.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_worker_lost_while_writing_a_preview_publishes_nothing(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, base = run
+    state, out = tmp_path / "state", tmp_path / "previews"
+    config = EngineConfig()
+    transport = InProcess(base, config, 2)
+    with Engine(state, base, config, backend=PartitionedTensors(transport, state)) as engine:
+        for step in STEPS[:3]:
+            engine.ingest(root / f"checkpoint-{step}", step)
+        before = engine.write_preview(100, out)
+        kept = _preview_tensors(before)
+        engine.ingest(root / f"checkpoint-{STEPS[3]}", STEPS[3])
+
+        def lose(index: int, job: object) -> bool:
+            raise WorkerLost("worker lost (test)")
+
+        transport.before = lose
+        with pytest.raises(WorkerLost):
+            engine.write_preview(100, out)
+    assert [p.name for p in out.iterdir()] == ["step-100"]  # no staging left, the old one kept
+    now = _preview_tensors(out / "step-100")
+    assert all(torch.equal(now[k], v) for k, v in kept.items())

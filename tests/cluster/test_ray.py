@@ -131,6 +131,7 @@ def test_the_daemon_killed_9_mid_ingest_restarts_into_the_same_state_with_no_orp
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     options = ["--ray", cluster, "--ray-workers", "2", "--ray-cpus-per-worker", "0.5", "--preview-at", "140"]
+    options.append("--per-worker-metrics")
     for step in STEPS[:2]:
         _publish(run_dir, root / f"checkpoint-{step}", step)
     daemon = Daemon(tmp_path, run_dir, base, *options)
@@ -158,11 +159,13 @@ def test_the_daemon_killed_9_mid_ingest_restarts_into_the_same_state_with_no_orp
         status = json.loads((tmp_path / "state" / "cluster.json").read_text())
         metrics = {n: again.metric(n) for n in ("relexd_cluster_workers", "relexd_cluster_workers_up")}
         parts_timed = again.metric("relexd_cluster_worker_part_seconds_count")
+        each = [again.metric("relexd_cluster_worker_up", worker=str(i)) for i in range(3)]
     finally:
         assert again.stop(timeout=60) == 0
     assert status["up"] == 2 and len(status["workers"]) == 2
     assert metrics == {"relexd_cluster_workers": 2, "relexd_cluster_workers_up": 2}
     assert parts_timed and parts_timed >= 2 * len(STEPS[2:])  # each worker's part of each checkpoint
+    assert each == [1.0, 1.0, None]  # opt-in: one series per worker
     shown = subprocess.run(
         [sys.executable, "-m", "relexd", "status", "--state-dir", str(tmp_path / "state")],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=os.environ | {"COLUMNS": "200"},
