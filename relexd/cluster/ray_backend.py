@@ -26,7 +26,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("relexd --ray needs the ray extra: pip install 'relexd[ray]'") from exc
 
-from relexd.cluster.coordinator import PartitionedTensors, WorkerStatus
+from relexd.cluster.coordinator import PartitionedTensors
 from relexd.cluster.worker import PartJob, PartResult, PartWorker, PreviewJob
 from relexd.engine.config import EngineConfig
 from relexd.errors import ConfigError, WorkerLost
@@ -132,4 +132,4 @@ def ray_tensors(
     return backend
 
 
-__all__ = ["ClusterSettings", "RayTransport", "WorkerStatus", "ray_tensors"]
+__all__ = ["ClusterSettings", "RayTransport", "ray_tensors"]
