@@ -4,6 +4,7 @@ parts compare tensor by tensor."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,21 @@ def committed(state: Path, *, sources: bool = True) -> tuple[dict[str, Any], dic
             rec.pop("source")
     for anchor in meta["anchors"]:
         anchor.pop("partition", None)
-    arrays = {f"small/{k}": v for k, v in snap._small.items()}
+    tracked = snap.meta["per_tensor"]
+    arrays: dict[str, torch.Tensor] = {}
+    for name in tracked:
+        small = snap.small(name)
+        arrays |= {f"z/{name}": small.z, f"sq/{name}": small.sqnorms, f"sigma/{name}": small.sigma}
     sketch = snap.sketch()
     assert sketch is not None
     with sketch:
-        for name in snap.meta["per_tensor"]:
+        for name in tracked:
             arrays[f"sketch/{name}"] = sketch.vectors(name)
     for anchor in snap.meta["anchors"]:
         with snap.anchor(anchor["step"]) as files:
-            for name in snap.meta["per_tensor"]:
-                for kind in ("v", "x"):
-                    key = f"{kind}/{name}"
-                    numel = files._files.file(key).info(key).numel
+            for name in tracked:
+                numel = math.prod(snap.meta["tensors"][name]["shape"])
+                for key in (f"v/{name}", f"x/{name}"):
                     arrays[f"anchor{anchor['step']}/{key}"] = files.read_range(key, 0, numel).clone()
     return meta, arrays
 

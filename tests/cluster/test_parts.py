@@ -4,6 +4,7 @@ runs the same in tests/cluster/test_ray.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,8 @@ def _engine(state: Path, base: Path, workers: int | None, config: EngineConfig) 
     return Engine(state, base, config, backend=backend)
 
 
-def _follow(root: Path, base: Path, state: Path, workers: int | None, steps=STEPS, config=None) -> None:
-    config = config or EngineConfig()
-    with _engine(state, base, workers, config) as engine:
+def _follow(root: Path, base: Path, state: Path, workers: int | None, steps: Sequence[int] = STEPS) -> None:
+    with _engine(state, base, workers, EngineConfig()) as engine:
         for step in steps:
             engine.ingest(root / f"checkpoint-{step}", step)
 
