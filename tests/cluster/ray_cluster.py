@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,10 @@ def _free_port() -> int:
 def local_cluster(tmp: Path, cpus: int = 2) -> Iterator[str]:
     """Start a head node with ``cpus`` CPUs; yields its address.
 
+    ``ray start --head --block`` in its own session: SIGTERM to it drains and stops exactly this
+    cluster's processes (``ray stop`` would stop every Ray cluster of the machine, a developer's
+    own included); its process group is killed if it does not stop within a minute.
+
     Ray ≥ 2.59 starts local clusters with token authentication (the token in ~/.ray/auth_token),
     but a driver joining by address only sends the token when ``RAY_AUTH_MODE=token`` is in its
     environment *before ray is imported* (measured with Ray 2.60: "InvalidAuthToken" otherwise), as
@@ -36,12 +42,24 @@ def local_cluster(tmp: Path, cpus: int = 2) -> Iterator[str]:
     port = _free_port()
     env = os.environ | AUTH | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     start = [
-        ray, "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--num-gpus=0",
+        ray, "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}", "--num-gpus=0",
         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats",
     ]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    log = open(tmp / "ray-start.log", "w+")  # noqa: SIM115 — closed below
+    head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in (tmp / "ray-start.log").read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed:\n{(tmp / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
         shutil.rmtree(temp, ignore_errors=True)
