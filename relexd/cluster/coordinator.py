@@ -174,7 +174,7 @@ class PartitionedTensors(TensorBackend):
                 hung = sorted(pending.values())
                 for i in hung:
                     self.transport.restart(i)
-                    self.status[i].up = False
+                    self._mark_down(self.status[i])
                 raise WorkerLost(
                     f"relexd worker(s) {hung} sent no result within {self.timeout_s:.0f} s for {what}; "
                     "restarted them, it will be retried"
@@ -189,12 +189,18 @@ class PartitionedTensors(TensorBackend):
                 if self.on_part is not None:
                     self.on_part(status)
 
+    def _mark_down(self, status: WorkerStatus) -> None:
+        """Lost (dead or hung): down until it answers again; no part time to report."""
+        status.up, status.last_seconds = False, None
+        if self.on_part is not None:
+            self.on_part(status)
+
     def _collect(self, handle: Any, index: int) -> PartResult:
         status = self.status[index]
         try:
             part = self.transport.result(handle, index)
         except WorkerLost:
-            status.up = False
+            self._mark_down(status)
             raise
         status.up, status.host, status.pid = True, part.host, part.pid
         status.last_seconds = part.seconds if part.failure is None else None

@@ -117,13 +117,18 @@ def test_a_hung_worker_is_restarted_after_the_timeout_and_the_generation_abandon
     state = tmp_path / "state"
     config = EngineConfig()
     transport = InProcess(base, config, 2)
-    backend = PartitionedTensors(transport, state, timeout_s=1.0)
+    reported: list[tuple[int, bool, float | None]] = []
+    backend = PartitionedTensors(
+        transport, state, timeout_s=1.0, on_part=lambda w: reported.append((w.index, w.up, w.last_seconds))
+    )
     with Engine(state, base, config, backend=backend) as engine:
         engine.ingest(root / "checkpoint-10", 10)
         transport.hung = {1}
+        reported.clear()
         with pytest.raises(WorkerLost, match=r"worker\(s\) \[1\] sent no result within 1 s"):
             engine.ingest(root / "checkpoint-20", 20)
         assert transport.restarted == [1] and not backend.status[1].up
+        assert reported[-1] == (1, False, None)  # the daemon's metrics hear that it is down
         assert engine.steps == [10] and len(list((state / "generations").iterdir())) == 1
         transport.hung = set()
         engine.ingest(root / "checkpoint-20", 20)  # probed back up first, then the retry
