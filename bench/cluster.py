@@ -25,6 +25,8 @@ Run: ``python -m bench.cluster [--checkpoints 5] [--rank 2]`` (~6 min at 0.5B).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import statistics
 import time
@@ -73,8 +75,8 @@ def run(checkpoints: int, rank: int, shape: ModelShape = QWEN25_05B) -> dict[str
         parts: dict[str, list[WorkerStatus]] = {name: [] for name in CONFIGS}
         engines = {
             name: stack.enter_context(
-                _engine(name, tmp / f"state-{i}", base, config, lambda s, n=name: parts[n].append(
-                    WorkerStatus(s.index, s.up, s.host, s.pid, s.last_seconds)))
+                _engine(name, tmp / f"state-{i}", base, config,
+                        lambda s, n=name: parts[n].append(dataclasses.replace(s)))
             )
             for i, name in enumerate(CONFIGS)
         }  # fmt: skip
@@ -102,16 +104,9 @@ def run(checkpoints: int, rank: int, shape: ModelShape = QWEN25_05B) -> dict[str
                 path.unlink()
             ckpt.rmdir()
         partition = engines["2 Ray workers"].snapshot.meta["partition"]["parts"]
-        sizes = {n: traj.shape.specs()[n] for n in traj.shape.specs()}
-        numels = [sum(_numel(sizes[t]) for t in part) for part in partition]
+        shapes = traj.shape.specs()
+        numels = [sum(math.prod(shapes[t]) for t in part) for part in partition]
     return {"records": records, "rank": rank, "numels": numels, "params": shape.params, "shape": shape.name}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def report(result: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ in-process one.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -26,8 +25,8 @@ from relexd.cluster.worker import PartJob, PartResult, PreviewJob
 from relexd.engine.backend import ShardFiles, TensorBackend
 from relexd.engine.base import BaseModel
 from relexd.engine.ingest import CheckpointPass, Interrupted, TensorResult
+from relexd.engine.preview import shard_bytes
 from relexd.errors import WorkerLost
-from relexd.io.safetensors_file import DTYPES
 from relexd.state.store import Partition, Snapshot, Transaction
 
 #: How often the coordinator looks up from waiting (stop requests, liveness, the deadline).
@@ -132,8 +131,7 @@ class PartitionedTensors(TensorBackend):
     ) -> tuple[dict[str, str], int]:
         """Each worker writes whole shard files (balanced by bytes) into the staging directory."""
         self._wait_for_restarted()
-        meta = snapshot.meta["tensors"]
-        sizes = {f: sum(_nbytes(meta[n]) for n in names) for f, names in files.items()}
+        sizes = {f: shard_bytes(snapshot.meta, names) for f, names in files.items()}
         shares = [p for p in balance(sizes, self.transport.workers) if p]
         state = str(self.state_dir)
         jobs = [
@@ -219,10 +217,6 @@ class PartitionedTensors(TensorBackend):
 
     def close(self) -> None:
         self.transport.close()
-
-
-def _nbytes(tensor: dict[str, Any]) -> int:
-    return math.prod(tensor["shape"]) * DTYPES[tensor["dtype"]].itemsize
 
 
 def io_bytes(base: BaseModel, name: str, width: int) -> int:

@@ -116,9 +116,7 @@ def write_preview_files(
     try:
         for source_name, names in files.items():
             out_name = output_file_name(source_name)
-            specs = {
-                n: (DTYPES[meta["tensors"][n]["dtype"]], tuple(meta["tensors"][n]["shape"])) for n in names
-            }
+            specs = tensor_specs(meta, names)
             with StreamingSafetensorsWriter(staging / out_name, specs, {"format": "pt"}) as writer:
                 for name in names:
                     if should_stop():
@@ -131,6 +129,18 @@ def write_preview_files(
         if sketch is not None:
             sketch.close()
     return weight_map, total
+
+
+def tensor_specs(
+    meta: dict[str, Any], names: Sequence[str]
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of the newest checkpoint's tensors ``names``, as the preview writes them."""
+    return {n: (DTYPES[meta["tensors"][n]["dtype"]], tuple(meta["tensors"][n]["shape"])) for n in names}
+
+
+def shard_bytes(meta: dict[str, Any], names: Sequence[str]) -> int:
+    """Bytes of a preview shard holding the tensors ``names``."""
+    return sum(_nbytes(spec) for spec in tensor_specs(meta, names).values())
 
 
 def _nbytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
