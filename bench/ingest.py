@@ -7,7 +7,9 @@ tests/engine/test_workers.py):
 
 1. the **read floor**: a plain sequential read (16 MiB blocks, no parsing) of the checkpoint, the
    base and this state's current sketch, right before the ingest;
-2. the **write floor**: writing and fsync'ing a file the size of the new sketch, right after (1);
+2. the **write floor**: writing and fsync'ing a new file the size of the new sketch, right after
+   (1) — and, for comparison (not part of the floor), rewriting that file in place, which is what
+   today's engine does with its spare sketch (:mod:`relexd.state.store`);
 3. the ingest, in a fresh subprocess (its VmHWM is the peak RSS), ``Engine(…, threads=N)`` exactly
    as ``relexd extrapolate``/``relexd watch`` build it.
 
@@ -17,11 +19,12 @@ marked and kept out of the steady-state means.
 
 The "before" engine is the commit :data:`BEFORE_REV` (the last one without the worker pool) checked
 out into a temporary git worktree and imported from there by the subprocess; it runs with one torch
-thread, its default. A configuration may run ``busy``: one CPU-bound process at nice 0 (a trainer
-keeping a core busy) while relexd runs at nice 10, as the systemd unit sets it.
+thread, its default. ``spare=False`` runs today's engine with ``spare_sketch=False`` (a new sketch
+file per generation, as before the spare). A configuration may run ``busy``: one CPU-bound process
+at nice 0 (a trainer keeping a core busy) while relexd runs at nice 10, as the systemd unit sets it.
 
 Run alone: ``python -m bench.ingest [--model 0.5b|1.5b] [--rank K] [--checkpoints N] [--threads 1 2]
-[--before] [--busy]``.
+[--before] [--no-spare] [--busy]``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +59,10 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from relexd.engine import Engine, EngineConfig
-state, base, ckpt, step, estimator, rank, threads = sys.argv[1:8]
+state, base, ckpt, step, estimator, rank, threads, spare = sys.argv[1:9]
 config = EngineConfig(estimator=estimator, rank=int(rank))
-engine = Engine(Path(state), Path(base), config, threads=int(threads))
+kw = {} if spare == "default" else {"spare_sketch": spare == "yes"}
+engine = Engine(Path(state), Path(base), config, threads=int(threads), **kw)
 try:
     report = engine.ingest(Path(ckpt), int(step))
 finally:
@@ -77,6 +81,7 @@ HEADERS = [
     "ingest s",
     "read floor s",
     "write floor s",
+    "in-place write s",
     "ingest / floor",
     "peak RSS MB",
     "RSS / largest f32",
@@ -90,10 +95,18 @@ class Config:
     engine: str  # "now" or "before"
     threads: int
     busy: bool = False
+    spare: bool = True  # today's engine only: overwrite the spare sketch in place (its default)
 
     @property
     def label(self) -> str:
-        return self.engine + (" (busy host)" if self.busy else "")
+        spare = ", no spare" if self.engine == "now" and not self.spare else ""
+        return self.engine + spare + (" (busy host)" if self.busy else "")
+
+    @property
+    def spare_arg(self) -> str:
+        if self.engine == "before":
+            return "default"  # that engine has no such option
+        return "yes" if self.spare else "no"
 
 
 def current_sketch(state: Path) -> Path | None:
@@ -106,19 +119,22 @@ def current_sketch(state: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def write_floor(nbytes: int, directory: Path) -> float:
-    """Seconds to write and fsync ``nbytes`` (16 MiB blocks of zeros) — the sketch's write floor."""
+def write_floor(nbytes: int, directory: Path) -> tuple[float, float]:
+    """Seconds to write and fsync ``nbytes`` (16 MiB blocks of zeros) into a new file — the
+    sketch's write floor — and then to rewrite that file in place (what the spare sketch costs)."""
     block = bytes(16 << 20)
     path = directory / "write-floor.bin"
-    start = time.perf_counter()
-    with open(path, "wb", buffering=0) as f:
-        left = nbytes
-        while left > 0:
-            left -= f.write(block[: min(left, len(block))])
-        os.fsync(f.fileno())
-    took = time.perf_counter() - start
+    took = []
+    for mode in ("wb", "r+b"):
+        start = time.perf_counter()
+        with open(path, mode, buffering=0) as f:
+            left = nbytes
+            while left > 0:
+                left -= f.write(block[: min(left, len(block))])
+            os.fsync(f.fileno())
+        took.append(time.perf_counter() - start)
     path.unlink()
-    return took
+    return took[0], took[1]
 
 
 @contextlib.contextmanager
@@ -160,7 +176,7 @@ def ingest_child(
     # tree whose engine it must import (run from this repository, "before" imported today's engine)
     env = dict(os.environ, PYTHONPATH=str(code))
     cmd = [sys.executable, "-c", CHILD, str(state), str(base), str(ckpt), str(step), "brand", str(rank)]
-    cmd.append(str(config.threads))
+    cmd += [str(config.threads), config.spare_arg]
     with busy_core(config.busy):
         done = subprocess.run(
             cmd,
@@ -202,7 +218,7 @@ def run(
         before_tree() if needs_before else contextlib.nullcontext() as tree,
     ):
         base = traj.write_base(tmp / "base")
-        states = {c: tmp / f"state-{c.engine}-{c.threads}-{int(c.busy)}" for c in configs}
+        states = {c: tmp / f"state-{c.engine}-{c.threads}-{int(c.busy)}-{int(c.spare)}" for c in configs}
         for n, step in enumerate(steps_irregular(checkpoints), start=1):
             ckpt = traj.write_checkpoint(base, tmp / f"checkpoint-{step}", step)
             anchor = is_anchor_count(n)
@@ -215,7 +231,7 @@ def run(
                     *([sketch] if sketch else []),
                 ]
                 _, read_s = plain_read(files)
-                write_s = write_floor(sketch_bytes, tmp)
+                write_s, in_place_s = write_floor(sketch_bytes, tmp)
                 rec = ingest_child(config, tree, state, base, ckpt, step, rank)
                 floor = max(read_s, write_s)
                 record = {
@@ -224,13 +240,14 @@ def run(
                     "anchor": anchor,
                     "ingest_s": rec["ingest_s"],
                     "floor_s": floor,
+                    "in_place_floor_s": max(read_s, in_place_s),
                     "vm_hwm": rec["vm_hwm"],
                 }
                 records.append(record)
                 rows.append(
                     [
                         shape.name, rank, config.label, config.threads, n, "yes" if anchor else "",
-                        rec["ingest_s"], read_s, write_s, rec["ingest_s"] / floor,
+                        rec["ingest_s"], read_s, write_s, in_place_s, rec["ingest_s"] / floor,
                         rec["vm_hwm"] / MB, rec["vm_hwm"] / largest_f32,
                     ]
                 )  # fmt: skip
@@ -252,27 +269,28 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     for r in steady:
         by_config.setdefault(r["config"], []).append(r)
     mean = {c: sum(r["ingest_s"] for r in rs) / len(rs) for c, rs in by_config.items()}
+
+    def mean_of(like: Config, **changes: Any) -> float | None:
+        """The mean of the configuration ``like`` with ``changes`` (None: not in this run)."""
+        if changes.get("engine") == "before":
+            changes.setdefault("spare", True)
+        return mean.get(replace(like, **changes))
+
     out = []
     for config, rs in by_config.items():
         floor = sum(r["floor_s"] for r in rs) / len(rs)
-
-        def mean_of(engine: str, threads: int | None = None, cfg: Config = config) -> float | None:
-            return next(
-                (
-                    m
-                    for c, m in mean.items()
-                    if c.engine == engine and c.busy == cfg.busy and threads in (None, c.threads)
-                ),
-                None,
-            )
-
-        before, one = mean_of("before"), mean_of(config.engine, 1)
+        in_place = sum(r["in_place_floor_s"] for r in rs) / len(rs)
+        before = mean_of(config, engine="before", threads=1)
+        one = mean_of(config, threads=1)
+        no_spare = mean_of(config, spare=False) if config.engine == "now" else None
         peak = max(r["vm_hwm"] for r in result["records"] if r["config"] == config)
+        ratio = {"before": before, "one": one, "no_spare": no_spare}
+        ratio = {k: (v / mean[config] if v else None) for k, v in ratio.items()}
         out.append(
             [
                 result["model"], result["rank"], config.label, config.threads, len(rs), mean[config], floor,
-                mean[config] / floor, before / mean[config] if before else None,
-                one / mean[config] if one else None, peak / MB, peak / result["largest_f32"],
+                mean[config] / floor, in_place, mean[config] / in_place, ratio["before"], ratio["one"],
+                ratio["no_spare"], peak / MB, peak / result["largest_f32"],
             ]
         )  # fmt: skip
     return out
@@ -287,8 +305,11 @@ SUMMARY = [
     "mean ingest s",
     "mean floor s",
     "ingest / floor",
+    "mean in-place floor s",
+    "ingest / in-place floor",
     "speed-up vs before",
     "speed-up vs 1 thread",
+    "speed-up vs no spare",
     "max peak RSS MB",
     "RSS / largest f32",
 ]
@@ -305,8 +326,9 @@ def report(results: list[dict[str, Any]]) -> str:
     )
 
 
-def default_configs(threads: Sequence[int], before: bool, busy: bool) -> list[Config]:
+def default_configs(threads: Sequence[int], before: bool, busy: bool, no_spare: bool = False) -> list[Config]:
     configs = [Config("before", 1)] if before else []
+    configs += [Config("now", max(threads), spare=False)] if no_spare else []
     configs += [Config("now", n) for n in threads]
     if busy:
         configs += [Config("now", n, busy=True) for n in threads]
@@ -322,8 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=sorted({1, available_cores()}))
     p.add_argument("--before", action="store_true", help=f"also the engine of {BEFORE_REV}")
     p.add_argument("--busy", action="store_true", help="also with one core kept busy, relexd at nice 10")
+    p.add_argument("--no-spare", action="store_true", help="also without the spare sketch (most threads)")
     args = p.parse_args(argv)
-    configs = default_configs(args.threads, args.before, args.busy)
+    configs = default_configs(args.threads, args.before, args.busy, args.no_spare)
     print(report([run(MODELS[args.model], args.rank, args.checkpoints, configs)]))
 
 

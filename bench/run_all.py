@@ -46,8 +46,8 @@ def run_ingest_and_preview(
         else:
             shape = QWEN25_05B
             plan = [
-                (QWEN25_05B, DEFAULT_RANK, 5, ingest.default_configs(cores, before=True, busy=False)),
-                (QWEN25_05B, 1, 5, ingest.default_configs(cores, before=True, busy=False)),
+                (QWEN25_05B, DEFAULT_RANK, 5, ingest.default_configs(cores, True, False, no_spare=True)),
+                (QWEN25_05B, 1, 5, ingest.default_configs(cores, True, False, no_spare=True)),
                 (QWEN25_05B, DEFAULT_RANK, 3, ingest.default_configs(cores, before=True, busy=True)[-3:]),
             ]
             if large:

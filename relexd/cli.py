@@ -18,7 +18,7 @@ from relexd import __version__
 from relexd.daemon.cli import register as register_daemon
 from relexd.demo.cli import register as register_demo
 from relexd.engine import DEFAULT_RANK, Engine, EngineConfig
-from relexd.engine.config import BUDGET_HELP, THREADS_HELP, available_cores, parse_size
+from relexd.engine.config import BUDGET_HELP, SPARE_HELP, THREADS_HELP, available_cores, parse_size
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.layouts import CheckpointRef, scan_run
 from relexd.math.sketch import ESTIMATORS
@@ -93,6 +93,7 @@ def extrapolate(
     memory_budget: Annotated[
         str | None, typer.Option(help=BUDGET_HELP, envvar="RELEXD_MEMORY_BUDGET", show_default=False)
     ] = None,
+    spare_sketch: Annotated[bool, typer.Option(help=SPARE_HELP, envvar="RELEXD_SPARE_SKETCH")] = True,
 ) -> None:
     """Read a run's checkpoints in step order, update the streaming model once per checkpoint, and
     write a preview checkpoint for each target step."""
@@ -131,7 +132,12 @@ def extrapolate(
     failed = 0
     try:
         with Engine(
-            state_dir, base, config, threads=threads or available_cores(), memory_budget=budget
+            state_dir,
+            base,
+            config,
+            threads=threads or available_cores(),
+            memory_budget=budget,
+            spare_sketch=spare_sketch,
         ) as engine:
             failed = _ingest_all(engine, refs, skip_bad)
             if not engine.steps:

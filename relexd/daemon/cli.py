@@ -22,7 +22,14 @@ import typer
 
 from relexd.daemon.config import WatchSettings, default_state_dir, load_toml, parse_list
 from relexd.daemon.logs import setup_logging
-from relexd.engine.config import BUDGET_HELP, DEFAULT_RANK, THREADS_HELP, EngineConfig, parse_size
+from relexd.engine.config import (
+    BUDGET_HELP,
+    DEFAULT_RANK,
+    SPARE_HELP,
+    THREADS_HELP,
+    EngineConfig,
+    parse_size,
+)
 from relexd.errors import ConfigError, RelexdError
 from relexd.telemetry import DEFAULT_LISTEN
 
@@ -206,6 +213,7 @@ def watch(
     memory_budget: Annotated[
         str | None, typer.Option(help=BUDGET_HELP, envvar=_env("memory_budget"), show_default=False)
     ] = None,
+    spare_sketch: Annotated[bool, typer.Option(help=SPARE_HELP, envvar=_env("spare_sketch"))] = True,
     ray: Annotated[
         str | None,
         typer.Option(
@@ -279,6 +287,7 @@ def watch(
             once=once,
             threads=threads,
             memory_budget=parse_size(memory_budget),
+            spare_sketch=spare_sketch,
             ray=ray or None,
             ray_workers=ray_workers,
             ray_cpus_per_worker=ray_cpus_per_worker,

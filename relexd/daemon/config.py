@@ -62,6 +62,9 @@ class WatchSettings:
     #: bytes the tensors in flight may hold (None: bounded by the worker count only); with --ray,
     #: per cluster worker
     memory_budget: int | None = None
+    #: overwrite the replaced generation's sketch file in place (relexd.state.store: "The spare
+    #: sketch"); False gives its disk space back after every commit
+    spare_sketch: bool = True
     #: a Ray cluster to compute on ("auto": this node's; None: this host only) — relexd.cluster
     ray: str | None = None
     ray_workers: int = 2

@@ -177,6 +177,7 @@ class WatchService:
             threads=s.threads or available_cores(),
             memory_budget=s.memory_budget,
             backend=self._cluster_backend(),
+            spare_sketch=s.spare_sketch,
         )
         steps = self.engine.steps
         self.metrics.restore_progress(

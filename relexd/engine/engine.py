@@ -46,17 +46,20 @@ class Engine(Closeable):
         threads: int = 1,
         memory_budget: int | None = None,
         backend: TensorBackend | None = None,
+        spare_sketch: bool = True,
     ) -> None:
         """``threads``: worker threads, each computing one tensor at a time on one core
         (:mod:`relexd.engine.pool`); ``memory_budget``: bytes the tensors in flight may hold;
         ``backend``: where tensors are computed instead (a cluster's workers, which have their own
-        threads and budget; the engine closes it). None of them changes the results."""
+        threads and budget; the engine closes it); ``spare_sketch``: overwrite the replaced
+        generation's sketch file in place instead of a new one (:mod:`relexd.state.store`; cluster
+        workers write part files, which are not recycled). None of them changes the results."""
         pin_mmap_threshold()
         self.backend = backend or LocalTensors(TensorPool(threads, memory_budget))
         self._use_threads()
         self.state_dir = Path(state_dir)
         self.config = config
-        self.store = StateStore(self.state_dir)
+        self.store = StateStore(self.state_dir, spare=spare_sketch and backend is None)
         self.snapshot: Snapshot = self.store.open()
         try:
             self.base = BaseModel.load(Path(base_path))

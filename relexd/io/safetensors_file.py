@@ -519,6 +519,10 @@ class PositionalSafetensorsWriter:
     relexd's dirty page cache bounded — a trainer beside us that saves a checkpoint must not be
     throttled by gigabytes of our dirty pages (the kernel blocks every writer past ``dirty_ratio``).
 
+    ``in_place``: ``path`` is an existing file whose disk blocks (and cached pages) are reused
+    instead of freed and allocated again — every byte of it is rewritten, so nothing of its old
+    content survives a successful close; it is cut to the new size if it was longer.
+
     As with the streaming writer, a file that did not receive every byte is deleted at close.
     """
 
@@ -529,6 +533,7 @@ class PositionalSafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         flush_bytes: int | None = 256 << 20,
+        in_place: bool = False,
     ) -> None:
         self.path = Path(path)
         header, self._layout = _encode_header(specs, metadata)
@@ -540,10 +545,13 @@ class PositionalSafetensorsWriter:
         self._flush_error: OSError | None = None
         self._finished = False
         self._closed = False
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if in_place else os.O_TRUNC)
+        self._fd = os.open(self.path, flags, 0o644)
         try:
             size = len(header) + sum(self._left.values())
-            try:
+            if in_place and os.fstat(self._fd).st_size > size:
+                os.ftruncate(self._fd, size)
+            try:  # on a reused file this allocates only what it lacks
                 os.posix_fallocate(self._fd, 0, size)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
@@ -615,8 +623,9 @@ class PositionalSafetensorsWriter:
         os.close(self._fd)
         self._closed = self._finished = True
 
-    def abort(self) -> None:
-        """Close and delete the partial file (a no-op once :meth:`close` succeeded)."""
+    def abort(self, *, remove: bool = True) -> None:
+        """Close and delete the partial file (a no-op once :meth:`close` succeeded);
+        ``remove=False`` keeps it, for a caller that recycles its blocks."""
         if self._finished:
             return
         if self._flusher is not None:
@@ -624,4 +633,5 @@ class PositionalSafetensorsWriter:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
-        self.path.unlink(missing_ok=True)
+        if remove:
+            self.path.unlink(missing_ok=True)

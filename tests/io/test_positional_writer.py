@@ -87,3 +87,36 @@ def test_the_file_is_preallocated_to_its_final_size(tmp_path: Path) -> None:
         writer.write(*c)
     writer.close()
     assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("extra", [-100, 0, 4096])
+def test_in_place_over_an_old_file_leaves_no_trace_of_it(tmp_path: Path, extra: int) -> None:
+    """A recycled file (shorter, as long, or longer than needed, full of other bytes) ends up byte
+    for byte the file a fresh write makes, in the same inode: its blocks were reused, not freed."""
+    fresh = tmp_path / "fresh.safetensors"
+    writer = PositionalSafetensorsWriter(fresh, SPECS, {"layout": "columns"})
+    for c in _chunks():
+        writer.write(*c)
+    writer.close()
+    reused = tmp_path / "reused.safetensors"
+    size = fresh.stat().st_size + extra
+    reused.write_bytes((bytes(range(256)) * (size // 256 + 1))[:size])
+    inode = reused.stat().st_ino
+    writer = PositionalSafetensorsWriter(reused, SPECS, {"layout": "columns"}, in_place=True)
+    chunks = _chunks()
+    random.Random(1).shuffle(chunks)
+    for c in chunks:
+        writer.write(*c)
+    writer.close()
+    assert reused.read_bytes() == fresh.read_bytes()
+    assert reused.stat().st_ino == inode
+
+
+def test_abort_can_keep_the_file_for_recycling(tmp_path: Path) -> None:
+    path = tmp_path / "out.safetensors"
+    writer = PositionalSafetensorsWriter(path, SPECS)
+    writer.write(*_chunks()[0])
+    writer.abort(remove=False)
+    assert path.exists()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write(*_chunks()[1])

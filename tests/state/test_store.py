@@ -1,0 +1,141 @@
+"""The spare sketch: the replaced generation's sketch file is overwritten by the next one in place
+— the same inode, so its blocks are reused — and the state written is byte for byte the state
+written into new files."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from relexd.engine import Engine, EngineConfig
+from relexd.errors import CheckpointError
+from relexd.state.store import SKETCH_FILE, SPARE_DIR, read_snapshot
+from tests.engine.planted import Planted, write_hf_checkpoint
+
+STEPS = (10, 20, 30, 40, 50)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("spare")
+    planted = Planted.make(seed=11, a=0.05, b=0.01, noise=0.002)
+    base = write_hf_checkpoint(root / "base", planted.base)
+    for step in STEPS:
+        write_hf_checkpoint(root / f"checkpoint-{step}", planted.at(step), step)
+    bad = {k: v.clone() for k, v in planted.at(60).items()}
+    bad["model.layers.0.mlp.up_proj.weight"].view(-1)[3] = float("nan")
+    write_hf_checkpoint(root / "checkpoint-60-nan", bad, 60)
+    return root, base
+
+
+def _sketch(state: Path) -> Path:
+    snap = read_snapshot(state)
+    assert snap.path is not None
+    return snap.path / SKETCH_FILE
+
+
+def _spare(state: Path) -> Path:
+    return state / SPARE_DIR / SKETCH_FILE
+
+
+def _files(state: Path) -> dict[str, bytes]:
+    """The committed generation's and anchors' bytes (meta.json holds times, compared apart)."""
+    snap = read_snapshot(state)
+    assert snap.path is not None
+    out = {f"gen/{f.name}": f.read_bytes() for f in snap.path.glob("*.safetensors")}
+    out |= {f"{f.parent.name}/{f.name}": f.read_bytes() for f in (state / "anchors").glob("*/*.safetensors")}
+    return out
+
+
+def test_the_next_generation_overwrites_the_spare_and_writes_the_same_bytes(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, base = run
+    recycled, fresh = tmp_path / "recycled", tmp_path / "fresh"
+    inodes: list[tuple[int, int | None]] = []  # (this generation's sketch, the spare) per ingest
+    with (
+        Engine(recycled, base, EngineConfig(), threads=2) as engine,
+        Engine(fresh, base, EngineConfig(), threads=2, spare_sketch=False) as reference,
+    ):
+        for step in STEPS:
+            engine.ingest(root / f"checkpoint-{step}", step)
+            reference.ingest(root / f"checkpoint-{step}", step)
+            spare = _spare(recycled)
+            inodes.append((_sketch(recycled).stat().st_ino, spare.stat().st_ino if spare.exists() else None))
+            assert not _spare(fresh).exists()
+            assert _files(recycled) == _files(fresh), step
+    assert inodes[0][1] is None  # nothing replaced yet
+    for (prev_sketch, prev_spare), (sketch, spare) in itertools.pairwise(inodes):
+        assert spare == prev_sketch  # the replaced generation's file became the spare …
+        if prev_spare is not None:
+            assert sketch == prev_spare  # … and the one before it is this generation's file
+    a, b = read_snapshot(recycled).meta, read_snapshot(fresh).meta
+    assert a["steps"] == b["steps"] and a["per_tensor"] == b["per_tensor"]
+
+
+def test_a_failed_ingest_keeps_the_spare_and_the_state(run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The generation abandoned mid-way (bad input here; disk full alike) hands its half-written
+    file back as the spare: relexd keeps the disk its next try needs, and the next try's state is
+    the one an uninterrupted run commits."""
+    root, base = run
+    state, reference = tmp_path / "state", tmp_path / "reference"
+    with Engine(state, base, EngineConfig(), threads=2) as engine:
+        for step in STEPS[:3]:
+            engine.ingest(root / f"checkpoint-{step}", step)
+        spare = _spare(state).stat().st_ino
+        before = _files(state)
+        with pytest.raises(CheckpointError, match="up_proj"):
+            engine.ingest(root / "checkpoint-60-nan", 60)
+        assert _files(state) == before
+        assert _spare(state).stat().st_ino == spare
+        assert [p.name for p in (state / "generations").iterdir()] == [read_snapshot(state).name]
+        engine.ingest(root / "checkpoint-40", 40)
+        assert _sketch(state).stat().st_ino == spare
+    with Engine(reference, base, EngineConfig(), threads=1) as engine:
+        for step in STEPS[:4]:
+            engine.ingest(root / f"checkpoint-{step}", step)
+    assert _files(state) == _files(reference)
+
+
+def test_no_spare_sketch_gives_the_disk_back(run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A state that holds a spare, continued with ``spare_sketch=False``: the spare is deleted at
+    open, and the state at rest holds one sketch."""
+    root, base = run
+    state = tmp_path / "state"
+    with Engine(state, base, EngineConfig()) as engine:
+        for step in STEPS[:3]:
+            engine.ingest(root / f"checkpoint-{step}", step)
+    assert _spare(state).exists()
+    with Engine(state, base, EngineConfig(), spare_sketch=False) as engine:
+        assert not _spare(state).exists()
+        engine.ingest(root / "checkpoint-40", 40)
+        assert not _spare(state).exists()
+    sketches = [p for p in state.rglob("*.safetensors") if p.name == SKETCH_FILE]
+    assert sketches == [_sketch(state)]
+    assert torch.isfinite(load_file(_sketch(state))["model.norm.weight"]).all()
+
+
+def test_a_crashed_generation_s_file_becomes_the_spare_at_open(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """What a kill -9 left (an unpublished generation with a partly written sketch) is recycled at
+    the next open, not freed and allocated again."""
+    root, base = run
+    state = tmp_path / "state"
+    with Engine(state, base, EngineConfig()) as engine:
+        engine.ingest(root / "checkpoint-10", 10)
+    orphan = state / "generations" / "g00000099"
+    orphan.mkdir()
+    (orphan / SKETCH_FILE).write_bytes(b"half written")
+    inode = (orphan / SKETCH_FILE).stat().st_ino
+    with Engine(state, base, EngineConfig()) as engine:
+        assert not orphan.exists()
+        assert _spare(state).stat().st_ino == inode
+        engine.ingest(root / "checkpoint-20", 20)
+        assert _sketch(state).stat().st_ino == inode
+        assert engine.steps == [10, 20]
+    load_file(_sketch(state))  # a valid file of the right size
