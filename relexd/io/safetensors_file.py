@@ -559,7 +559,7 @@ class PositionalSafetensorsWriter:
                 os.ftruncate(self._fd, size)  # a file system without fallocate (some NFS)
             self._pwrite(memoryview(header), 0)
         except BaseException:
-            self.abort()
+            self.abort(remove=not in_place)  # a reused file is its owner's to keep or delete
             raise
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
