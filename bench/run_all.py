@@ -6,7 +6,8 @@
 the demo's extrapolation table (5 demo runs, ~8 min, or 2 with ``--quick``); ``trust`` which of
 relexd's signals said "trust" when a preview lost, over 4 learning rates × 3 seeds (~40 min; 2 runs
 with ``--quick``); ``beside`` what relexd costs a training loop it follows (~6 min); ``cluster`` ingest
-on 1 and 2 Ray workers against 2 local threads (~7 min, the ``relexd[ray]`` extra). Benchmarks run one
+on 1 and 2 Ray workers against 2 local threads (~7 min, the ``relexd[ray]`` extra); ``spare`` the
+spare sketch against none, paired on copies of one state (~12 min). Benchmarks run one
 after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
 """
 
@@ -23,7 +24,7 @@ from relexd.engine.config import DEFAULT_RANK, available_cores
 
 BENCHMARKS = (
     "accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside",
-    "cluster",
+    "cluster", "spare",
 )  # fmt: skip
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,10 +52,10 @@ def run_ingest_and_preview(
                 (QWEN25_05B, DEFAULT_RANK, 3, ingest.default_configs(cores, before=True, busy=True)[-3:]),
             ]
             if large:
-                plan += [
-                    (QWEN25_15B, DEFAULT_RANK, 3, ingest.default_configs(cores, before=True, busy=False)),
-                    (QWEN25_15B, 1, 3, ingest.default_configs(cores[-1:], before=False, busy=False)),
-                ]
+                # today's engine at the default worker count only: a 1.5B rank-2 state with its
+                # spare and an anchor is ~31 GB, and every further configuration adds one
+                most = ingest.default_configs(cores[-1:], before=False, busy=False)
+                plan += [(QWEN25_15B, DEFAULT_RANK, 3, most), (QWEN25_15B, 1, 3, most)]
         first, *rest = plan
         results = [ingest.run(*first, keep_state=tmp / "kept")]
         if do_preview:
@@ -133,6 +134,13 @@ def main() -> None:
         steps, rounds = (24, 1) if args.quick else (80, 3)
         text = beside_trainer.run_and_report(steps, rounds, beside_trainer.trainer_threads())
         save("beside-trainer", text, time.perf_counter() - t0)
+    if "spare" in args.only:
+        from bench import spare
+
+        t0 = time.perf_counter()
+        shape = QWEN25_05B.smaller(2, 16384) if args.quick else QWEN25_05B
+        result = spare.run(shape, DEFAULT_RANK, 2 if args.quick else 4)
+        save("spare", spare.report(result), time.perf_counter() - t0)
     if "cluster" in args.only:
         from bench import cluster
 

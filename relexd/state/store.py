@@ -30,18 +30,19 @@ Generations are rewritten whole (not patched in place) because that is what make
 recoverable without a journal; the cost is one write of the sketch per checkpoint.
 
 **The spare sketch.** Writing a generation into a new file and deleting the old one costs the
-kernel a page allocation and zeroing for every page written, and freeing the old file's pages and
-extents when its last descriptor closes: measured on a 0.5B state (4 GB sketch at rank 2), 1.1–1.8 s
-to release the old file and 4.2–6.4 s to write the new one, against 2.8–3.7 s to rewrite an existing
-file of the same size in place. So the store keeps the sketch file of the generation it replaced as
-the *spare* and the next transaction renames it into its own directory and overwrites every byte of
-it. The disk needed at peak does not change — two sketches exist during every ingest either way —
-but relexd keeps holding it between ingests: the state at rest is one sketch larger (``spare=False``,
+kernel a page allocation for every page written, and freeing the old file's pages and extents when
+its last descriptor closes (~1.2 s for a 4 GB sketch, measured on a 0.5B state at rank 2). So the
+store keeps the sketch file of the generation it replaced as the *spare*, and the next transaction
+renames it into its own directory and overwrites every byte of it: 1.24× faster ingests while the
+spare is in the page cache, 1.14× when it is not (``python -m bench.spare``, bench/README.md). The
+disk needed at peak does not change — two sketches exist during every ingest either way — but
+relexd keeps holding it between ingests: the state at rest is one sketch larger (``spare=False``,
 ``--no-spare-sketch``, gives it back after each commit, at the price above). The spare is safe to
 overwrite because nothing reads it: it belongs to no published generation, and a sketch is only
-ever read by the process holding LOCK (other processes read a snapshot's meta and small files), whose
-readers of the old generation are closed before its next ingest begins. Cluster parts
-(``sketch-<attempt>-<part>``) are not recycled: their writers are other processes on other hosts.
+ever read by the process holding LOCK, whose readers of the old generation are closed before its
+next ingest begins (other processes read a snapshot's meta and small files; cluster workers read
+sketches only within the ingest that drives them, and with a cluster no spare is kept: part files
+``sketch-<attempt>-<part>`` are written by other processes on other hosts).
 
 States written before the column-major layout hold numel × width sketches without the metadata; they
 are read as such and the next generation is written column-major (same FORMAT_VERSION: the layout
