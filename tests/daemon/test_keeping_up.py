@@ -219,7 +219,9 @@ def test_prime_rl_broadcasts_deleted_two_steps_later_are_all_read(tmp_path: Path
             gone = broadcasts / f"step_{step - 2}"
             if gone.exists():
                 shutil.rmtree(gone)
-            time.sleep(0.2)  # a broadcast lives ~0.4 s: shorter than prime-rl's steps
+            # a broadcast lives ~1 s, far shorter than prime-rl's steps (seconds to minutes); at
+            # 0.4 s a scheduling stall of the shared 2-vCPU CI host once outlived one (902a4be)
+            time.sleep(0.5)
         daemon.wait_for(lambda: daemon.steps()[-1:] == [steps], timeout=120, what=f"step {steps}")
         errors = {r: daemon.metric("relexd_checkpoint_errors_total", reason=r) for r in REASONS}
     finally:
