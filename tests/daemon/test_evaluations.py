@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,21 @@ def settings(root: Path, base: Path, cmd: str, **kw: Any) -> WatchSettings:
 
 
 def settle(svc: WatchService, timeout: float = 60.0) -> None:
-    """Wait until the ledger has no pending job (the hook queue ran dry)."""
-    assert svc.evaluations is not None
-    deadline = time.monotonic() + timeout
-    while svc.evaluations.unfinished():
-        assert time.monotonic() < deadline, svc.evaluations.records()
-        time.sleep(0.05)
+    """Wait until every queued hook run has ended and its result is recorded *and published*.
+
+    The ledger says "done" a moment before the hook thread sets the metrics and stamps the
+    manifest, so waiting on the ledger alone let assertions race the hook thread; a run's future
+    completes only after all of that (:meth:`EvalHook.wait_idle`)."""
+    assert svc.evaluations is not None and svc.hook is not None
+    expired = threading.Event()
+    timer = threading.Timer(timeout, expired.set)
+    timer.start()
+    try:
+        svc.hook.wait_idle(expired)
+    finally:
+        timer.cancel()
+    assert not expired.is_set(), svc.evaluations.records()
+    assert not svc.evaluations.unfinished(), svc.evaluations.records()
 
 
 def status_of(svc: WatchService) -> dict[str, str]:
