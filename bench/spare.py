@@ -5,7 +5,8 @@ A sequence of ingests (bench/ingest.py) compares configurations on different che
 apart, and on this shared VM its rows scatter by ±30 %; pairing removes everything but the change.
 Each trial copies the state (``cp -a``: the copy's files are then in the page cache), warms the
 checkpoint and the base by reading them, and ingests the 5th checkpoint (a steady one: not an
-anchor) in a fresh subprocess with the default thread count. Two cases for the spare:
+anchor) in a fresh subprocess with the default thread count (bench/ingest.py's child). Two cases
+for the spare:
 
 - ``cached``: the spare's pages are in the page cache (a host whose RAM holds the state);
 - ``evicted``: the spare is dropped from the page cache first (``POSIX_FADV_DONTNEED``) — a state
@@ -20,33 +21,20 @@ Run alone: ``python -m bench.spare [--model 0.5b] [--rank 2] [--pairs 4]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from bench.common import markdown_table, plain_read
 from bench.common import scratch_dir as scratch
-from bench.ingest import MODELS, REPO
+from bench.ingest import MODELS, Config, ingest_child
 from bench.synthetic import ModelShape, Trajectory, steps_irregular
 from relexd.engine import Engine, EngineConfig
 from relexd.engine.config import DEFAULT_RANK, available_cores
 from relexd.state.store import SKETCH_FILE, SPARE_DIR
-
-CHILD = """
-import json, sys
-from pathlib import Path
-from relexd.engine import Engine, EngineConfig
-state, base, ckpt, step, rank, threads, spare = sys.argv[1:8]
-config = EngineConfig(rank=int(rank))
-with Engine(Path(state), Path(base), config, threads=int(threads), spare_sketch=spare == "yes") as engine:
-    report = engine.ingest(Path(ckpt), int(step))
-print(json.dumps({"ingest_s": report.seconds}))
-"""
 
 CASES = ("spare, cached", "spare, evicted", "no spare")
 
@@ -70,14 +58,8 @@ def _trial(case: str, state: Path, work: Path, base: Path, ckpt: Path, step: int
     elif case == "spare, evicted":
         _evict(spare)
     plain_read([ckpt / "model.safetensors", base / "model.safetensors"])
-    cmd = [sys.executable, "-c", CHILD, str(copy), str(base), str(ckpt), str(step), str(rank)]
-    cmd += [str(available_cores()), "no" if case == "no spare" else "yes"]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO))
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{case}: exit {done.returncode}\n{done.stderr[-4000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["ingest_s"])
+    config = Config("now", available_cores(), spare=case != "no spare")
+    return float(ingest_child(config, None, copy, base, ckpt, step, rank)["ingest_s"])
 
 
 def run(shape: ModelShape, rank: int, pairs: int) -> dict[str, Any]:
