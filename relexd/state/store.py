@@ -215,6 +215,16 @@ class SketchFile(Closeable):
             file.read_range(name, c * numel + start, c * numel + stop, out[c, :n])  # in place
         return out[:width, :n]
 
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Start reading elements ``[start, stop)`` of every basis vector of ``name`` into the
+        page cache (:meth:`SafetensorsFile.prefetch`), to be read a chunk later."""
+        file = self._files.file(name)
+        if not self.column_major:
+            return  # the old row-major layout is read once per state and rewritten
+        width, numel = file.info(name).shape
+        for c in range(width):
+            file.prefetch(name, c * numel + start, c * numel + stop)
+
     def vectors(self, name: str) -> torch.Tensor:
         """The whole basis of tensor ``name`` (width × numel), owned by the caller."""
         shape = self._files.file(name).info(name).shape
@@ -236,6 +246,10 @@ class AnchorFiles(Closeable):
     def read_range(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements of "v/<tensor>" or "x/<tensor>", into the byte buffer ``out`` when given."""
         return self._files.file(key).read_range(key, start, stop, out)
+
+    def prefetch(self, key: str, start: int, stop: int) -> None:
+        """Start reading elements ``[start, stop)`` of ``key`` (:meth:`SafetensorsFile.prefetch`)."""
+        self._files.file(key).prefetch(key, start, stop)
 
     def close(self) -> None:
         self._files.close()

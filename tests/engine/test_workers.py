@@ -16,6 +16,7 @@ from relexd.engine import Engine, EngineConfig
 from relexd.engine.ingest import CHUNK_ELEMS
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool
 from relexd.errors import CheckpointError
+from relexd.io.reader import WeightReader
 from relexd.state.store import SKETCH_FILE, read_snapshot
 from tests.engine.planted import Planted, write_hf_checkpoint
 
@@ -96,6 +97,23 @@ def test_a_memory_budget_changes_nothing_either(run: tuple[Path, Path], tmp_path
     _follow(root, base, tmp_path / "capped", 2, EngineConfig(), memory_budget=1 << 20)
     (meta_a, arrays_a), (meta_b, arrays_b) = _committed(tmp_path / "free"), _committed(tmp_path / "capped")
     assert meta_a == meta_b and all(torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a)
+
+
+def test_reading_the_delta_inside_pass_1_changes_nothing(
+    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Safetensors checkpoints are read chunk by chunk inside pass 1; readers that assemble
+    tensors (``concurrent_reads`` False: DCP, verl FSDP) read the whole delta first, one task at a
+    time. Both paths commit the same state, bit for bit."""
+    root, base = run
+    _follow(root, base, tmp_path / "fused", 2, EngineConfig())
+    monkeypatch.setattr(WeightReader, "concurrent_reads", property(lambda self: False))
+    _follow(root, base, tmp_path / "whole", 2, EngineConfig())
+    (meta_a, arrays_a), (meta_b, arrays_b) = _committed(tmp_path / "fused"), _committed(tmp_path / "whole")
+    assert meta_a["forecasts"] and meta_a == meta_b
+    assert sorted(arrays_a) == sorted(arrays_b) and all(
+        torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a
+    )
 
 
 def test_the_error_of_the_earliest_tensor_is_reported_and_the_state_is_kept(

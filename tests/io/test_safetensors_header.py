@@ -206,3 +206,36 @@ def test_an_owner_only_file_of_another_user_says_why_and_what_to_do(good: Path, 
     with pytest.raises(CheckpointError) as raised:
         read_header(good)
     assert "(mode" not in str(raised.value)
+
+
+def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-ahead hint names exactly the bytes a read of the same range would read (clipped
+    to the tensor), asks nothing for an empty range, and a refused hint is no error."""
+    from relexd.io.safetensors_file import SafetensorsFile
+
+    path = tmp_path / "t.safetensors"
+    save_file(
+        {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(100, dtype=torch.bfloat16)}, path
+    )
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice))
+    )
+    with SafetensorsFile(path) as f:
+        b = f.info("b")
+        f.prefetch("b", 10, 30)
+        f.prefetch("b", 90, 500)  # clipped at the tensor's end
+        f.prefetch("b", 50, 50)  # empty: nothing asked
+        assert calls == [
+            (b.start + 20, 40, os.POSIX_FADV_WILLNEED),
+            (b.start + 180, 20, os.POSIX_FADV_WILLNEED),
+        ]
+
+        def refuse(*_args: object) -> None:
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(os, "posix_fadvise", refuse)
+        f.prefetch("b", 0, 100)  # a hint: its failure is not the read's
+        assert torch.equal(f.read_range("b", 10, 30), torch.arange(10, 30, dtype=torch.bfloat16))

@@ -139,3 +139,27 @@ def test_a_crashed_generation_s_file_becomes_the_spare_at_open(
         assert _sketch(state).stat().st_ino == inode
         assert engine.steps == [10, 20]
     load_file(_sketch(state))  # a valid file of the right size
+
+
+def test_sketch_prefetch_covers_the_range_in_every_basis_vector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The column-major sketch keeps each basis vector contiguous: a chunk's read-ahead hint is
+    one range per vector, at the same element offsets a read of the chunk uses."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from relexd.state.store import SKETCH_COLUMNS, SketchFile
+
+    path = tmp_path / "sketch.safetensors"
+    save_file({"w": torch.arange(2 * 50, dtype=torch.float32).reshape(2, 50)}, str(path), SKETCH_COLUMNS)
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length))
+    )
+    with SketchFile(path) as sketch:
+        start = sketch._files.file("w").info("w").start
+        sketch.prefetch("w", 10, 20)
+        assert calls == [(start + 40, 40), (start + 4 * 50 + 40, 40)]
+        assert torch.equal(sketch.columns("w", 10, 20), torch.arange(100.0).reshape(2, 50)[:, 10:20])
