@@ -138,12 +138,12 @@ def write_floor(nbytes: int, directory: Path) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def before_tree() -> Iterator[Path]:
-    """The engine of :data:`BEFORE_REV`, checked out into a temporary git worktree."""
+def before_tree(rev: str = BEFORE_REV) -> Iterator[Path]:
+    """The engine of ``rev`` (default :data:`BEFORE_REV`), checked out into a temporary git worktree."""
     with scratch("before") as tmp:
         tree = tmp / "relexd"
         subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), BEFORE_REV],
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev],
             check=True,
             capture_output=True,
         )

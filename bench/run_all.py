@@ -7,8 +7,10 @@ the demo's extrapolation table (5 demo runs, ~8 min, or 2 with ``--quick``); ``t
 relexd's signals said "trust" when a preview lost, over 4 learning rates × 3 seeds (~40 min; 2 runs
 with ``--quick``); ``beside`` what relexd costs a training loop it follows (~6 min); ``cluster`` ingest
 on 1 and 2 Ray workers against 2 local threads (~7 min, the ``relexd[ray]`` extra); ``spare`` the
-spare sketch against none, paired on copies of one state (~12 min). Benchmarks run one
-after another, never concurrently, each in its own temp dir under /tmp that is deleted afterwards.
+spare sketch against none, paired on copies of one state (~12 min); ``paired`` today's engine
+against the one before the fused pass 1, on copies of one state, cached and evicted (~10 min).
+Benchmarks run one after another, never concurrently, each in its own temp dir under /tmp that is
+deleted afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from relexd.engine.config import DEFAULT_RANK, available_cores
 
 BENCHMARKS = (
     "accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside",
-    "cluster", "spare",
+    "cluster", "spare", "paired",
 )  # fmt: skip
 RESULTS = Path(__file__).parent / "results"
 
@@ -141,6 +143,13 @@ def main() -> None:
         shape = QWEN25_05B.smaller(2, 16384) if args.quick else QWEN25_05B
         result = spare.run(shape, DEFAULT_RANK, 2 if args.quick else 4)
         save("spare", spare.report(result), time.perf_counter() - t0)
+    if "paired" in args.only:
+        from bench import paired
+
+        t0 = time.perf_counter()
+        shape = QWEN25_05B.smaller(2, 16384) if args.quick else QWEN25_05B
+        result = paired.run(shape, DEFAULT_RANK, 1 if args.quick else 3, paired.BEFORE_REV)
+        save("paired", paired.report(result), time.perf_counter() - t0)
     if "cluster" in args.only:
         from bench import cluster
 
