@@ -443,7 +443,7 @@ class CheckpointPass:
         buf = self._chunk_buffers()
         x = self._delta_buffer(numel)[:numel]
         chunks = list(spans(numel, CHUNK_ELEMS))
-        ahead = [*chunks[1:], None]
+        ahead: list[tuple[int, int] | None] = [*chunks[1:], None] if chunks else []  # each one's next
         # a checkpoint whose reader caches assembled tensors is read whole, by one task at a time,
         # before the pass; any other is read chunk by chunk inside it
         fused = self.ckpt.concurrent_reads

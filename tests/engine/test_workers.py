@@ -116,6 +116,19 @@ def test_reading_the_delta_inside_pass_1_changes_nothing(
     )
 
 
+def test_a_tensor_without_elements_is_followed_too(tmp_path: Path) -> None:
+    """A zero-element tensor (allowed by safetensors; a model may carry one) has no chunk to read
+    or prefetch: it is tracked as never moving."""
+    shapes = {"w": ((CHUNK_ELEMS + 5,), torch.bfloat16), "empty": ((0, 3), torch.float32)}
+    planted = Planted.make(shapes, seed=1, a=0.05, b=0.01, noise=0.002)
+    base = write_hf_checkpoint(tmp_path / "base", planted.base)
+    with Engine(tmp_path / "state", base, EngineConfig(), threads=2) as engine:
+        for step in STEPS[:3]:
+            engine.ingest(write_hf_checkpoint(tmp_path / f"c{step}", planted.at(step), step), step)
+        assert engine.steps == list(STEPS[:3])
+        assert engine.summary()["per_tensor"]["empty"]["energy"] == 0.0
+
+
 def test_the_error_of_the_earliest_tensor_is_reported_and_the_state_is_kept(
     run: tuple[Path, Path], tmp_path: Path
 ) -> None:
