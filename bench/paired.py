@@ -30,6 +30,7 @@ from typing import Any
 from bench.common import markdown_table, plain_read
 from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, Config, before_tree, ingest_child
+from bench.spare import _evict as evict_file
 from bench.synthetic import ModelShape, Trajectory, steps_irregular
 from relexd.engine import Engine, EngineConfig
 from relexd.engine.config import DEFAULT_RANK, available_cores
@@ -45,12 +46,7 @@ def _files(root: Path) -> list[Path]:
 
 def _evict(root: Path) -> None:
     for path in _files(root):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages are not dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_file(path)
 
 
 def _trial(
