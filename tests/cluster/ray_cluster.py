@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,6 +41,12 @@ def local_cluster(tmp: Path, cpus: int = 2) -> Iterator[str]:
     # Ray's socket paths must stay short (AF_UNIX: 107 bytes): a short temp dir of its own
     temp = Path(f"/tmp/relexd-ray-{os.getpid()}")
     port = _free_port()
+    # `ray start` with token auth refuses to run without a token file (~/.ray/auth_token on a
+    # machine that ran Ray before; a fresh one has none): give the cluster and this process its own
+    if "RAY_AUTH_TOKEN_PATH" not in os.environ and not (Path.home() / ".ray" / "auth_token").exists():
+        token = tmp / "ray-auth-token"
+        token.write_text(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     env = os.environ | AUTH | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     start = [
         ray, "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}", "--num-gpus=0",
