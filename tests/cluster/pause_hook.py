@@ -56,8 +56,8 @@ def install() -> None:
     from relexd.io import safetensors_file
     from relexd.state import store
 
-    if point == "reading":  # inside the first tensor's read of the checkpoint
-        ingest.read_delta = _before(ingest.read_delta, where)
+    if point == "reading":  # inside the first tensor's read of the checkpoint (both read paths)
+        ingest.read_delta_range = _before(ingest.read_delta_range, where)
     elif point == "writing":  # after the first rows of the part file are written
         cls = safetensors_file.PositionalSafetensorsWriter
         cls.write = _after(cls.write, where)
