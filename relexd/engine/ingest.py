@@ -100,6 +100,15 @@ def spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + chunk, numel)
 
 
+Span = tuple[int, int]
+
+
+def with_next(chunks: Sequence[Span]) -> Iterator[tuple[Span, Span | None]]:
+    """Each chunk with the one after it (None after the last): what to prefetch while it computes."""
+    for n, span in enumerate(chunks):
+        yield span, chunks[n + 1] if n + 1 < len(chunks) else None
+
+
 def check_compatible(base: BaseModel, ckpt: WeightReader, meta: dict[str, Any]) -> None:
     """Refuse a checkpoint whose tensors do not match the base before anything is read."""
     names = set(ckpt.names())
@@ -420,13 +429,14 @@ class CheckpointPass:
             self._worker.chunk = buffers = _ChunkBuffers.make(self.config.width, CHUNK_ELEMS)
         return buffers
 
-    def _prefetch(self, name: str, span: tuple[int, int] | None) -> None:
-        """Start reading the state's bytes of ``span`` (the next chunk) while this one computes."""
+    def _prefetch(self, name: str, span: tuple[int, int] | None, *, anchors: bool = True) -> None:
+        """Start reading the state's bytes of ``span`` (the next chunk) while this one computes:
+        the old sketch's, and the scored anchors' unless ``anchors`` is False."""
         if span is None:
             return
         if self.old_sketch is not None:
             self.old_sketch.prefetch(name, *span)
-        for f in self.anchor_files.values():
+        for f in self.anchor_files.values() if anchors else ():
             f.prefetch(f"v/{name}", *span)
             f.prefetch(f"x/{name}", *span)
 
@@ -443,7 +453,6 @@ class CheckpointPass:
         buf = self._chunk_buffers()
         x = self._delta_buffer(numel)[:numel]
         chunks = list(spans(numel, CHUNK_ELEMS))
-        ahead: list[tuple[int, int] | None] = [*chunks[1:], None] if chunks else []  # each one's next
         # a checkpoint whose reader caches assembled tensors is read whole, by one task at a time,
         # before the pass; any other is read chunk by chunk inside it
         fused = self.ckpt.concurrent_reads
@@ -461,7 +470,7 @@ class CheckpointPass:
             return buf.scratch[: v.numel()].copy_(v)
 
         dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a
-        for (i, j), nxt in zip(chunks, ahead, strict=True):
+        for (i, j), nxt in with_next(chunks):
             stop()
             self._prefetch(name, nxt)
             if fused:
@@ -485,12 +494,10 @@ class CheckpointPass:
         a_vsq = a_xsq = 0.0
         adt = config.anchor_torch_dtype
         bytes_read += sketch_bytes
-        if self.old_sketch is not None and chunks:
-            self.old_sketch.prefetch(name, *chunks[0])
-        for (i, j), nxt in zip(chunks, ahead, strict=True):
+        self._prefetch(name, chunks[0] if chunks else None, anchors=False)
+        for (i, j), nxt in with_next(chunks):
             stop()
-            if self.old_sketch is not None and nxt is not None:
-                self.old_sketch.prefetch(name, *nxt)
+            self._prefetch(name, nxt, anchors=False)
             q_new = upd.new_columns(self._old_columns(name, i, j, buf.old), x[i:j], buf.out)
             for c in range(width):
                 self.sketch.write(name, c * numel + i, q_new[c])
