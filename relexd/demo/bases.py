@@ -12,6 +12,14 @@ reproduced, bit for bit, by::
 
 (``tests/demo/test_pretrained_bases.py`` runs the check for seed 0.) Any other seed or warm-up is
 trained on first use and kept under ``~/.cache/relexd``, keyed by everything it depends on.
+
+Bit for bit on any x86-64 CPU, not only the one that wrote them: a torch CPU wheel picks its kernels
+by what the CPU offers (ATen's AVX2/AVX-512 builds, MKL's and oneDNN's code paths), and a different
+vector width sums in a different order, so the same recipe trained on an Intel and on an AMD host
+diverged (it did: bases written on an Intel host on 1 Dec did not reproduce on an AMD one). The shipped
+bases are therefore trained in a child process pinned to code paths every x86-64 CPU runs the same
+way (:data:`PORTABLE_ENV`; oneDNN off). That costs about twice the warm-up time, which only
+``write``/``check`` pay; the demo itself loads the files.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from enum import Enum
@@ -37,6 +46,11 @@ PROVENANCE_NAME = "provenance.json"
 WEIGHTS_NAME = "model.safetensors"
 #: The warm-up's thread count: part of what makes it reproducible bit for bit.
 WARMUP_THREADS = 1
+#: Code paths that do not depend on the CPU model: ATen's portable (non-SIMD-specific) kernels,
+#: read once at torch's first dispatch, hence a child process; MKL's conditional numerical
+#: reproducibility mode, whose results Intel documents as equal on Intel and compatible CPUs
+#: whatever the alignment of the arrays. oneDNN, which has no such mode, is switched off in the child.
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE,STRICT"}
 
 
 class BaseSource(Enum):
@@ -120,7 +134,25 @@ def ensure_base(
 
 
 def write_shipped(seed: int, root: Path = PRETRAINED_DIR) -> Path:
-    """Retrain the default base of ``seed`` and write it with its provenance under ``root``."""
+    """Retrain the default base of ``seed`` and write it with its provenance under ``root``.
+
+    The training runs in a child process with :data:`PORTABLE_ENV`, so the file does not depend on
+    which x86-64 CPU this is.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "relexd.demo.bases", "_portable", "--seed", str(seed), "--root", str(root)],
+        env=os.environ | PORTABLE_ENV,
+        check=True,
+    )
+    return root / f"seed-{seed}"
+
+
+def _write_portable(seed: int, root: Path) -> Path:
+    """The child of :func:`write_shipped`: refuses to train unless the CPU pinning took effect."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "DEFAULT" or os.environ.get("MKL_CBWR") != PORTABLE_ENV["MKL_CBWR"]:
+        raise RuntimeError(f"not pinned to portable kernels (ATen: {capability}); use write_shipped")
+    torch.backends.mkldnn.enabled = False
     configure_torch(WARMUP_THREADS)
     warmup = Warmup()
     where = root / f"seed-{seed}"
@@ -129,6 +161,8 @@ def write_shipped(seed: int, root: Path = PRETRAINED_DIR) -> Path:
     provenance = {
         "recipe": warmup.recipe(seed),
         "threads": WARMUP_THREADS,
+        "portable_env": PORTABLE_ENV,
+        "onednn": False,
         "torch": torch.__version__,
         "sha256": _sha256(where / WEIGHTS_NAME),
         "reproduce": f"python -m relexd.demo.bases write --seeds {seed}",
@@ -144,7 +178,13 @@ def _main(argv: list[str] | None = None) -> int:
     write.add_argument("--seeds", type=int, nargs="+", default=list(SHIPPED_SEEDS))
     check = verbs.add_parser("check", help="retrain one seed and compare with its shipped file")
     check.add_argument("--seed", type=int, default=0)
+    portable = verbs.add_parser("_portable")  # write_shipped's child; not for direct use
+    portable.add_argument("--seed", type=int, required=True)
+    portable.add_argument("--root", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.verb == "_portable":
+        _write_portable(args.seed, args.root)
+        return 0
     if args.verb == "write":
         for seed in args.seeds:
             print(f"wrote {write_shipped(seed)}")
