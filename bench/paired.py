@@ -14,7 +14,8 @@ once (four checkpoints of the synthetic run, default worker count), then each tr
 
 The earlier engine is ``--before REV`` checked out into a git worktree (bench/ingest.py).
 
-Run alone: ``python -m bench.paired [--model 0.5b] [--rank 2] [--rounds 3] [--before REV]``.
+Run alone: ``python -m bench.paired [--model 0.5b] [--rank 2] [--rounds 3] [--before REV]
+[--modes cached evicted]``.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ def _trial(
     return float(ingest_child(config, tree, copy, base, ckpt, step, rank)["ingest_s"])
 
 
-def run(shape: ModelShape, rank: int, rounds: int, before: str) -> dict[str, Any]:
-    """``rounds`` rounds of both engines in both modes; seconds per (mode, engine)."""
+def run(
+    shape: ModelShape, rank: int, rounds: int, before: str, modes: tuple[str, ...] = MODES
+) -> dict[str, Any]:
+    """``rounds`` rounds of both engines in each of ``modes``; seconds per (mode, engine)."""
     traj = Trajectory(shape)
     steps = steps_irregular(5)
-    seconds: dict[tuple[str, str], list[float]] = {(m, e): [] for m in MODES for e in ("before", "now")}
+    seconds: dict[tuple[str, str], list[float]] = {(m, e): [] for m in modes for e in ("before", "now")}
     with scratch(f"paired-{shape.name}-k{rank}") as tmp, before_tree(before) as tree:
         base = traj.write_base(tmp / "base")
         with Engine(tmp / "state", base, EngineConfig(rank=rank), threads=available_cores()) as engine:
@@ -80,19 +83,19 @@ def run(shape: ModelShape, rank: int, rounds: int, before: str) -> dict[str, Any
                 shutil.rmtree(ckpt)
         ckpt = traj.write_checkpoint(base, tmp / "checkpoint", steps[4])
         for round_ in range(rounds):
-            for mode in MODES:
+            for mode in modes:
                 engines = ("before", "now") if round_ % 2 == 0 else ("now", "before")
                 for engine_name in engines:
                     took = _trial(engine_name, tree, mode, tmp, base, ckpt, steps[4], rank)
                     seconds[(mode, engine_name)].append(took)
                     print(f"round {round_ + 1}: {mode}, {engine_name}: {took:.2f} s", flush=True)
-    return {"model": shape.name, "rank": rank, "before": before, "seconds": seconds}
+    return {"model": shape.name, "rank": rank, "before": before, "modes": modes, "seconds": seconds}
 
 
 def report(result: dict[str, Any]) -> str:
     seconds = result["seconds"]
     rows = []
-    for mode in MODES:
+    for mode in result["modes"]:
         ref = statistics.median(seconds[(mode, "before")])
         for engine in ("before", "now"):
             s = seconds[(mode, engine)]
@@ -115,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=DEFAULT_RANK)
     p.add_argument("--rounds", type=int, default=3, help="rounds of both engines in both modes")
     p.add_argument("--before", default=BEFORE_REV, help="the earlier engine's git revision")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="page-cache regimes")
     args = p.parse_args(argv)
-    print(report(run(MODELS[args.model], args.rank, args.rounds, args.before)))
+    print(report(run(MODELS[args.model], args.rank, args.rounds, args.before, tuple(args.modes))))
 
 
 if __name__ == "__main__":
