@@ -15,7 +15,6 @@ full) aborts the new generation and leaves the published state exactly as it was
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import time
@@ -95,12 +94,12 @@ class IngestReport:
     forecasts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+Span = tuple[int, int]
+
+
+def spans(numel: int, chunk: int) -> Iterator[Span]:
     for start in range(0, numel, chunk):
         yield start, min(start + chunk, numel)
-
-
-Span = tuple[int, int]
 
 
 def with_next(chunks: Sequence[Span]) -> Iterator[tuple[Span, Span | None]]:
@@ -149,27 +148,18 @@ def read_delta(
     ckpt: WeightReader,
     name: str,
     stop: Callable[[], None],
-    into: torch.Tensor | None = None,
-    scratch: torch.Tensor | None = None,
-    raw: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x = θ_s − θ₀ for one tensor, flattened float32 (``into`` when given), chunk by chunk
-    (:func:`read_delta_range`; ``scratch`` and ``raw`` are its buffers, made here when not given).
+    x: torch.Tensor,
+    scratch: torch.Tensor,
+    raw: torch.Tensor,
+) -> None:
+    """x = θ_s − θ₀ for one whole tensor into ``x`` (float32, flattened), chunk by chunk
+    (:func:`read_delta_range`, whose buffers ``scratch`` and ``raw`` are).
 
     Finiteness is checked by the caller on ‖x‖², which pass 1 computes anyway (:func:`check_finite`).
     """
-    info = ckpt.info(name)
-    x = into[: info.numel] if into is not None else torch.empty(info.numel, dtype=torch.float32)
-    chunk = min(info.numel, CHUNK_ELEMS)
-    if raw is None:
-        itemsize = max(info.dtype.itemsize, base.reader.info(name).dtype.itemsize)
-        raw = torch.empty(chunk * itemsize, dtype=torch.uint8)
-    if scratch is None:
-        scratch = torch.empty(chunk, dtype=torch.float32)
-    for i, j in spans(info.numel, CHUNK_ELEMS):
+    for i, j in spans(x.numel(), CHUNK_ELEMS):
         stop()
         read_delta_range(base, ckpt, name, i, j, x[i:j], scratch, raw)
-    return x
 
 
 def read_delta_range(
@@ -373,7 +363,7 @@ class CheckpointPass:
         self.make_anchor = is_anchor_count(self.observed)
         self.old_sketch = snapshot.sketch()
         # checkpoints whose reader caches assembled tensors are read by one task at a time
-        self._read_lock = contextlib.nullcontext() if ckpt.concurrent_reads else threading.Lock()
+        self._read_lock = threading.Lock()
         self._worker = threading.local()  # per worker thread: its delta buffer
         self.sketch: PositionalSafetensorsWriter | None = None
         self.anchor_v: PositionalSafetensorsWriter | None = None
@@ -429,7 +419,7 @@ class CheckpointPass:
             self._worker.chunk = buffers = _ChunkBuffers.make(self.config.width, CHUNK_ELEMS)
         return buffers
 
-    def _prefetch(self, name: str, span: tuple[int, int] | None, *, anchors: bool = True) -> None:
+    def _prefetch(self, name: str, span: Span | None, *, anchors: bool = True) -> None:
         """Start reading the state's bytes of ``span`` (the next chunk) while this one computes:
         the old sketch's, and the scored anchors' unless ``anchors`` is False."""
         if span is None:
@@ -453,10 +443,11 @@ class CheckpointPass:
         buf = self._chunk_buffers()
         x = self._delta_buffer(numel)[:numel]
         chunks = list(spans(numel, CHUNK_ELEMS))
+        first = chunks[0] if chunks else None  # none for a tensor without elements
         # a checkpoint whose reader caches assembled tensors is read whole, by one task at a time,
         # before the pass; any other is read chunk by chunk inside it
         fused = self.ckpt.concurrent_reads
-        self._prefetch(name, chunks[0] if chunks else None)
+        self._prefetch(name, first)
         if not fused:
             with self._read_lock:
                 read_delta(self.base, self.ckpt, name, stop, x, buf.scratch, buf.raw)
@@ -494,7 +485,7 @@ class CheckpointPass:
         a_vsq = a_xsq = 0.0
         adt = config.anchor_torch_dtype
         bytes_read += sketch_bytes
-        self._prefetch(name, chunks[0] if chunks else None, anchors=False)
+        self._prefetch(name, first, anchors=False)
         for (i, j), nxt in with_next(chunks):
             stop()
             self._prefetch(name, nxt, anchors=False)

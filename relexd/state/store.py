@@ -218,9 +218,9 @@ class SketchFile(Closeable):
     def prefetch(self, name: str, start: int, stop: int) -> None:
         """Start reading elements ``[start, stop)`` of every basis vector of ``name`` into the
         page cache (:meth:`SafetensorsFile.prefetch`), to be read a chunk later."""
-        file = self._files.file(name)
         if not self.column_major:
             return  # the old row-major layout is read once per state and rewritten
+        file = self._files.file(name)
         width, numel = file.info(name).shape
         for c in range(width):
             file.prefetch(name, c * numel + start, c * numel + stop)
