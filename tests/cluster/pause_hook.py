@@ -2,7 +2,10 @@
 first worker to reach the point named by ``RELEXD_TEST_PAUSE`` ("reading", "writing" or
 "written", then ":" and a directory), once the test has created ``armed`` there, writes its pid
 there and stops, so the test can SIGKILL it at
-exactly that point. Nothing of this is in relexd itself."""
+exactly that point. Nothing of this is in relexd itself.
+
+A process that calls ``ray.init`` itself (``relexd watch --ray``) gives its workers this hook through
+Ray's ``RAY_RUNTIME_ENV_HOOK`` variable naming :func:`runtime_env`."""
 
 from __future__ import annotations
 
@@ -65,3 +68,15 @@ def install() -> None:
         store.PartWriters.close = _after(store.PartWriters.close, where)
     else:
         raise ValueError(f"RELEXD_TEST_PAUSE: unknown point {point!r}")
+
+
+def runtime_env(env: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray's runtime-environment hook: the workers get ``RELEXD_TEST_PAUSE`` and :func:`install`."""
+    out = dict(env or {})
+    out["env_vars"] = {
+        **out.get("env_vars", {}),
+        "RELEXD_TEST_PAUSE": os.environ["RELEXD_TEST_PAUSE"],
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
+    out["worker_process_setup_hook"] = "tests.cluster.pause_hook.install"
+    return out

@@ -126,7 +126,10 @@ def test_the_daemon_killed_9_mid_ingest_restarts_into_the_same_state_with_no_orp
 ) -> None:
     """``relexd watch --ray``: the coordinator is killed -9 while its workers write their parts
     (its actors die with it); the restarted daemon places new workers, drops the half-written
-    generation and ends in the single-host state, its preview equal to the single-host one."""
+    generation and ends in the single-host state, its preview equal to the single-host one.
+
+    A worker is held at "writing" (tests/cluster/pause_hook.py): an ingest here takes ~60 ms, less
+    than a poll of the state directory could be sure to catch."""
     root, base = run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -134,15 +137,20 @@ def test_the_daemon_killed_9_mid_ingest_restarts_into_the_same_state_with_no_orp
     options.append("--per-worker-metrics")
     for step in STEPS[:2]:
         _publish(run_dir, root / f"checkpoint-{step}", step)
-    daemon = Daemon(tmp_path, run_dir, base, *options)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    pause = {"RAY_RUNTIME_ENV_HOOK": "tests.cluster.pause_hook.runtime_env"}
+    pause["RELEXD_TEST_PAUSE"] = f"writing:{marks}"
+    daemon = Daemon(tmp_path, run_dir, base, *options, env=pause)
     try:
         daemon.wait_url()
         daemon.wait_for(lambda: daemon.steps() == list(STEPS[:2]), timeout=180, what="the first two steps")
         assert any(r.get("event") == "ray workers placed" for r in daemon.logs())
+        (marks / "armed").touch()
         _publish(run_dir, root / f"checkpoint-{STEPS[2]}", STEPS[2])
         generations = tmp_path / "state" / "generations"
-        daemon.wait_for(lambda: any(generations.glob("*/sketch-*")) and len(list(generations.iterdir())) > 1,
-                        timeout=120, what="parts being written")  # fmt: skip
+        daemon.wait_for(lambda: (marks / "pid").exists(), timeout=120, what="a worker stopped while writing")
+        assert any(generations.glob("*/sketch-*")) and len(list(generations.iterdir())) > 1  # parts begun
         daemon.proc.kill()
         daemon.proc.wait()
     finally:
