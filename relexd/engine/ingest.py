@@ -5,10 +5,9 @@ one worker thread on one core, which writes its results into their fixed places 
 (on this host, or on cluster workers: :mod:`relexd.engine.backend`).
 
 Memory: a task holds its tensor's delta x (float32) while its sketch is updated; the sketch, the
-base, the anchors and the checkpoint are read in chunks of :data:`CHUNK_ELEMS` elements. A tensor
-small enough (:func:`keeps_old_columns`) also keeps its old sketch columns from pass 1 to pass 2
-instead of reading them twice. Peak RSS is therefore about two of the largest tensors in flight in
-float32 (one per worker, capped by the memory budget) plus a fixed overhead, whatever the model size.
+base, the anchors and the checkpoint are read in chunks of :data:`CHUNK_ELEMS` elements. Peak RSS is
+therefore about the largest tensors in flight in float32 (one per worker, capped by the memory
+budget) plus a fixed overhead, whatever the model size.
 
 Nothing is visible until the commit: an error at any tensor (NaN, truncated file, rotation, disk
 full) aborts the new generation and leaves the published state exactly as it was.
@@ -210,29 +209,11 @@ def check_tie(base: BaseModel, ckpt: WeightReader, alias: str) -> None:
             )
 
 
-def task_bytes(numel: int, width: int, keep_old: bool = False) -> int:
-    """Memory one tensor task holds: its float32 delta (and with ``keep_old`` its old sketch
-    columns, width × numel float32), plus one chunk's buffers (the old and new columns, the
-    stored-dtype reads; each worker keeps its own set, reused from task to task) — what
-    :class:`~relexd.engine.pool.TensorPool` budgets."""
-    held = 4 * numel * (1 + width if keep_old else 1)
-    return held + 4 * (2 * width + 4) * min(numel, CHUNK_ELEMS)
-
-
-def keeps_old_columns(numel: int, width: int, largest: int, budget: int | None) -> bool:
-    """Whether a tensor of ``numel`` elements keeps its old sketch columns between the passes.
-
-    Pass 2 needs the old columns again; keeping them saves reading them a second time (a copy out
-    of the page cache, or a disk read when the state does not fit in it). Kept only while the task
-    stays within issue 12's bound of two of the ``largest`` tensor in float32 per worker — its
-    buffers are reused up to twice the size needed, hence (1 + width) × numel ≤ largest — and fits
-    the memory ``budget`` alone. In a language model that is every tensor but the embedding-sized
-    ones. The choice depends on neither the worker count nor the partition, so neither changes
-    what is read or computed.
-    """
-    if (1 + width) * numel > largest:
-        return False
-    return budget is None or task_bytes(numel, width, keep_old=True) <= budget
+def task_bytes(numel: int, width: int) -> int:
+    """Memory one tensor task holds: its float32 delta, plus one chunk's buffers (the old and new
+    columns, the stored-dtype reads; each worker keeps its own set, reused from task to task) —
+    what :class:`~relexd.engine.pool.TensorPool` budgets."""
+    return 4 * numel + 4 * (2 * width + 4) * min(numel, CHUNK_ELEMS)
 
 
 def run_tensors(
@@ -245,11 +226,6 @@ def run_tensors(
     """Compute the tensors ``names`` of ``work`` on ``pool``, largest first within the memory
     budget; the first error in ``names`` order is the one raised."""
 
-    width = work.config.width
-    numels = {n: work.base.reader.info(n).numel for n in names}
-    keep = {n: work.can_keep_old and keeps_old_columns(k, width, work.largest, pool.memory_budget)
-            for n, k in numels.items()}  # fmt: skip
-
     def task(name: str, abort: Cutoff) -> TensorResult:
         def stop() -> None:
             if abort.is_set():
@@ -257,13 +233,13 @@ def run_tensors(
             if should_stop():
                 raise Interrupted(f"stopped in tensor {name!r} of step {work.step}")
 
-        return work.run_tensor(name, stop, keep_old=keep[name])
+        return work.run_tensor(name, stop)
 
     def done(name: str, _result: TensorResult) -> None:
         if on_tensor is not None:
             on_tensor(name, work.base.reader.info(name).numel)
 
-    costs = {n: task_bytes(k, width, keep[n]) for n, k in numels.items()}
+    costs = {n: task_bytes(work.base.reader.info(n).numel, work.config.width) for n in names}
     return pool.run(costs, task, done)
 
 
@@ -386,8 +362,6 @@ class CheckpointPass:
         self.anchor_files = {a: snapshot.anchor(a) for a in set(self.used.values()) if a is not None}
         self.make_anchor = is_anchor_count(self.observed)
         self.old_sketch = snapshot.sketch()
-        #: elements of the largest tracked tensor (the whole model's, not a cluster worker's share)
-        self.largest = max((base.reader.info(n).numel for n in base.tracked), default=0)
         # checkpoints whose reader caches assembled tensors are read by one task at a time
         self._read_lock = threading.Lock()
         self._worker = threading.local()  # per worker thread: its delta buffer
@@ -426,22 +400,6 @@ class CheckpointPass:
             return torch.zeros(1).expand(self.config.width, j - i)
         return self.old_sketch.columns(name, i, j, out)
 
-    @property
-    def can_keep_old(self) -> bool:
-        """Old columns can be kept between the passes (there are some, in the column-major layout
-        that reads them into a given buffer)."""
-        return self.old_sketch is not None and self.old_sketch.column_major
-
-    def _kept_columns(self, numel: int) -> torch.Tensor:
-        """This worker's buffer for a tensor's old columns, chunk after chunk (each chunk's
-        width × n block contiguous, as in the chunk buffer); reused like the delta buffer."""
-        need = self.config.width * numel
-        buffer: torch.Tensor | None = getattr(self._worker, "kept", None)
-        if buffer is None or not need <= buffer.numel() <= 2 * need:
-            self._worker.kept = buffer = None  # free before allocating
-            self._worker.kept = buffer = torch.empty(need, dtype=torch.float32)
-        return buffer
-
     def _delta_buffer(self, numel: int) -> torch.Tensor:
         """This worker's float32 buffer for a delta of ``numel`` elements. Reused from the previous
         tensor while at most twice the size needed — a fresh one page-faults on every first touch
@@ -472,16 +430,12 @@ class CheckpointPass:
             f.prefetch(f"v/{name}", *span)
             f.prefetch(f"x/{name}", *span)
 
-    def run_tensor(self, name: str, stop: Callable[[], None], *, keep_old: bool = False) -> TensorResult:
+    def run_tensor(self, name: str, stop: Callable[[], None]) -> TensorResult:
         """Update one tensor's sketch (see :mod:`relexd.math.sketch`): pass 1 forms the delta chunk
         by chunk and takes the products and the anchors' dot products while the chunk is in the
         CPU's cache, an exact residual pass runs only if the products cancel, then pass 2 writes the
         new columns (and the new anchor's vectors) into their places. The next chunk of the state's
-        files is requested from the disk while the current one computes (:meth:`_prefetch`).
-
-        ``keep_old`` (:func:`keeps_old_columns`): pass 1 reads the old columns into a buffer that
-        the later passes use instead of reading them again (the same values, in blocks of the same
-        shape as the chunk buffer's: nothing computed changes)."""
+        files is requested from the disk while the current one computes (:meth:`_prefetch`)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
@@ -502,24 +456,6 @@ class CheckpointPass:
         bytes_read += sketch_bytes
 
         upd = make_update(config.estimator, self.snapshot.small(name), width, config.oja_eta)
-        kept = self._kept_columns(numel) if keep_old and self.can_keep_old else None
-        if kept is None:
-            self._worker.kept = None  # a previous tensor's columns: not held beside this one
-
-        # Old columns of chunk [i, j) go into a contiguous width × (j − i) block, of the chunk
-        # buffer or of the kept buffer: BLAS results depend on the row stride (a short last chunk
-        # in the chunk buffer's full-width rows measured different bits), so both use one shape.
-        def block(i: int, j: int) -> torch.Tensor:
-            flat = buf.old.view(-1)[: width * (j - i)] if kept is None else kept[width * i : width * j]
-            return flat.view(width, j - i)
-
-        def read_old(i: int, j: int) -> torch.Tensor:
-            """Pass 1: read the old columns (into the kept buffer when keeping)."""
-            return self._old_columns(name, i, j, block(i, j))
-
-        def old_again(i: int, j: int) -> torch.Tensor:
-            """Later passes: the kept block, or a second read."""
-            return block(i, j) if kept is not None else self._old_columns(name, i, j, block(i, j))
 
         def as_f32(v: torch.Tensor) -> torch.Tensor:
             return buf.scratch[: v.numel()].copy_(v)
@@ -530,33 +466,30 @@ class CheckpointPass:
             self._prefetch(name, nxt)
             if fused:
                 read_delta_range(self.base, self.ckpt, name, i, j, x[i:j], buf.scratch, buf.raw)
-            upd.accumulate(read_old(i, j), x[i:j])
+            upd.accumulate(self._old_columns(name, i, j, buf.old), x[i:j])
             for a, f in self.anchor_files.items():
                 v_a = as_f32(f.read_range(f"v/{name}", i, j, buf.raw))
                 dots[a][0] += float(torch.dot(x[i:j], v_a))
                 x_a = as_f32(f.read_range(f"x/{name}", i, j, buf.raw))
                 dots[a][1] += float(torch.dot(x[i:j], x_a))
         check_finite(self.base, self.ckpt, name, x, upd.xsq)
-        reread = 0 if kept is not None else sketch_bytes
         if upd.exact_residual_needed():
-            bytes_read += reread
+            bytes_read += sketch_bytes
             for i, j in chunks:
                 stop()
-                upd.accumulate_residual(old_again(i, j), x[i:j])
+                upd.accumulate_residual(self._old_columns(name, i, j, buf.old), x[i:j])
         new_small = upd.plan()
         fit = fit_line(self.step_tensor, new_small.coefficients, config.window)
 
         assert self.sketch is not None, "open_writers() first"
         a_vsq = a_xsq = 0.0
         adt = config.anchor_torch_dtype
-        bytes_read += reread
-        if kept is None:
-            self._prefetch(name, first, anchors=False)
+        bytes_read += sketch_bytes
+        self._prefetch(name, first, anchors=False)
         for (i, j), nxt in with_next(chunks):
             stop()
-            if kept is None:
-                self._prefetch(name, nxt, anchors=False)
-            q_new = upd.new_columns(old_again(i, j), x[i:j], buf.out)
+            self._prefetch(name, nxt, anchors=False)
+            q_new = upd.new_columns(self._old_columns(name, i, j, buf.old), x[i:j], buf.out)
             for c in range(width):
                 self.sketch.write(name, c * numel + i, q_new[c])
             if self.anchor_v is not None and self.anchor_x is not None:
