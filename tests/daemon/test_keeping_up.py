@@ -46,7 +46,6 @@ def _missed_steps(state: Path) -> list[int]:
     return sorted(steps)
 
 
-@pytest.mark.slow
 def _timeline(daemon: Daemon, aside: Path) -> str:
     """When TRL saved each checkpoint (its callback's copy) and what relexd did, in time order."""
     rows = [
@@ -61,6 +60,7 @@ def _timeline(daemon: Daemon, aside: Path) -> str:
     return "timeline (UTC):\n" + "\n".join(f"{t} {e}" for t, e in sorted(rows))
 
 
+@pytest.mark.slow
 def test_real_trl_grpo_every_step_with_rotation_is_followed_completely(tmp_path: Path) -> None:
     base, run, aside = tmp_path / "base", tmp_path / "run", tmp_path / "aside"
     aside.mkdir()
