@@ -318,9 +318,9 @@ def freeze_startup_heap() -> int:
     holding the GIL, and the daemon's own work triggers one every few dozen checkpoints: 150 ms
     with every thread stopped, measured beside a real TRL run on an idle host. On a loaded CI host
     a stall like it lasted 0.41 s, and a trainer that saves every 50 ms rotated six checkpoints
-    away before the scout could pin them (tests/daemon/test_keeping_up.py). Frozen objects are never walked again;
-    reference counting still frees them when they die. ``gc.freeze`` is CPython's own facility
-    for exactly this (a long-lived process with a large startup heap)."""
+    away before the scout could pin them (tests/daemon/test_keeping_up.py). Frozen objects are
+    never walked again; reference counting still frees them when they die. ``gc.freeze`` is
+    CPython's own facility for exactly this (a long-lived process with a large startup heap)."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
