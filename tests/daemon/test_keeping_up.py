@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,9 @@ def _missed_steps(state: Path) -> list[int]:
 def _timeline(daemon: Daemon, aside: Path) -> str:
     """When TRL saved each checkpoint (its callback's copy) and what relexd did, in time order."""
     rows = [
-        (time.strftime("%H:%M:%S", time.gmtime(p.stat().st_mtime)) + f"{p.stat().st_mtime % 1:.3f}"[1:],
-         f"TRL saved {p.name}")
+        (datetime.fromtimestamp(p.stat().st_mtime, UTC).strftime("%H:%M:%S.%f")[:12], f"TRL saved {p.name}")
         for p in aside.glob("checkpoint-*")
-    ]  # fmt: skip
+    ]
     for rec in daemon.logs():
         if rec.get("event", "").startswith(("checkpoint", "falling behind", "caught up")):
             what = {k: rec[k] for k in ("step", "steps", "lag_s", "reason") if k in rec}
