@@ -295,6 +295,8 @@ def ingest(
     except BaseException:
         txn.abort()
         raise
+    else:
+        work.release_old_sketch()
     finally:
         work.close()
     seconds = time.monotonic() - started
@@ -389,6 +391,12 @@ class CheckpointPass:
                 self.step, {f"x/{n}": (adt, (k,)) for n, k in numels.items()}, "x"
             )
 
+    def release_old_sketch(self) -> None:
+        """Drop what is left of the replaced sketch from the page cache once the new generation is
+        committed (each tensor's basis already went after its pass 2: :meth:`run_tensor`)."""
+        if self.old_sketch is not None:
+            self.old_sketch.release()
+
     def close(self) -> None:
         if self.old_sketch is not None:
             self.old_sketch.close()
@@ -435,7 +443,8 @@ class CheckpointPass:
         by chunk and takes the products and the anchors' dot products while the chunk is in the
         CPU's cache, an exact residual pass runs only if the products cancel, then pass 2 writes the
         new columns (and the new anchor's vectors) into their places. The next chunk of the state's
-        files is requested from the disk while the current one computes (:meth:`_prefetch`)."""
+        files is requested from the disk while the current one computes (:meth:`_prefetch`), and the
+        old basis leaves the page cache once pass 2 has read it (:meth:`SketchFile.release`)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
@@ -502,6 +511,8 @@ class CheckpointPass:
                 xa32 = as_f32(xa)
                 a_xsq += float(torch.dot(xa32, xa32))
 
+        if self.old_sketch is not None:
+            self.old_sketch.release(name)  # read for the last time: the spare-to-be, never read again
         drift = None
         vv_old, vv_new, v_cross = upd.direction_change()
         if vv_old > 0.0 and vv_new > 0.0:

@@ -368,15 +368,35 @@ class SafetensorsFile(Closeable):
         the engine's workers read several tensors' columns through one descriptor at once, which
         it takes for random reads (measured on a sketch evicted from the page cache: bench/README.md).
         """
+        self._advise(name, start, stop, "POSIX_FADV_WILLNEED")
+
+    def release(self, name: str | None = None, start: int = 0, stop: int | None = None) -> None:
+        """Tell the kernel that elements ``[start, stop)`` of ``name`` (default: all of it; no
+        name: the whole file, header included) will not be read again (``POSIX_FADV_DONTNEED``):
+        their clean pages leave the page cache now, instead of evicting, later, pages that will be
+        read. A page (or a larger folio) only partly inside the range stays. A hint like
+        :meth:`prefetch`: the data and later reads of it are unaffected.
+
+        Why by hand: the kernel cannot know which of our reads were the last ones (see
+        :meth:`relexd.state.store.SketchFile.release` for the place that matters).
+        """
+        if name is None:
+            self._advise_bytes(0, 0, "POSIX_FADV_DONTNEED")  # length 0: to the end of the file
+        else:
+            self._advise(name, start, self.info(name).numel if stop is None else stop, "POSIX_FADV_DONTNEED")
+
+    def _advise(self, name: str, start: int, stop: int, advice: str) -> None:
         info = self.info(name)
         start, stop = max(0, start), min(stop, info.numel)
-        if start >= stop or self._fd is None or not hasattr(os, "posix_fadvise"):
+        if start < stop:
+            itemsize = info.dtype.itemsize
+            self._advise_bytes(info.start + start * itemsize, (stop - start) * itemsize, advice)
+
+    def _advise_bytes(self, offset: int, length: int, advice: str) -> None:
+        if self._fd is None or not hasattr(os, "posix_fadvise"):
             return
-        itemsize = info.dtype.itemsize
         with contextlib.suppress(OSError):
-            os.posix_fadvise(
-                self._fd, info.start + start * itemsize, (stop - start) * itemsize, os.POSIX_FADV_WILLNEED
-            )
+            os.posix_fadvise(self._fd, offset, length, getattr(os, advice))
 
     def _tensor(self, info: TensorInfo, begin: int, end: int) -> torch.Tensor:
         if begin == end:  # torch.frombuffer refuses empty buffers

@@ -225,6 +225,23 @@ class SketchFile(Closeable):
         for c in range(width):
             file.prefetch(name, c * numel + start, c * numel + stop)
 
+    def release(self, name: str | None = None) -> None:
+        """Drop tensor ``name``'s basis (no name: every file in full) from the page cache once an
+        ingest has read it for the last time (:meth:`SafetensorsFile.release`).
+
+        Why: after the commit this file is the spare, which the next generation overwrites without
+        reading it, so its cached pages are dead. Left cached, they take room from what the next
+        ingest does read (the new sketch, the base, the anchors): on a state larger than the page
+        cache they made nearly every one of those pages a miss (1.5B, bench/README.md). Per tensor, as soon
+        as its pass 2 is done, so that the room is there while the ingest runs; in full at the end
+        for the pages (large folios) that straddle two tensors.
+        """
+        if name is None:
+            for file in self._files.parts:
+                file.release()
+        else:
+            self._files.file(name).release(name)
+
     def vectors(self, name: str) -> torch.Tensor:
         """The whole basis of tensor ``name`` (width × numel), owned by the caller."""
         shape = self._files.file(name).info(name).shape

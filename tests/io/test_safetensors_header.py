@@ -239,3 +239,37 @@ def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
         monkeypatch.setattr(os, "posix_fadvise", refuse)
         f.prefetch("b", 0, 100)  # a hint: its failure is not the read's
         assert torch.equal(f.read_range("b", 10, 30), torch.arange(10, 30, dtype=torch.bfloat16))
+
+
+def test_release_drops_the_bytes_of_the_element_range_or_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropping pages names the same bytes a read of the range would read (default: the whole
+    tensor), or the whole file without a name; a refused hint is no error."""
+    from relexd.io.safetensors_file import SafetensorsFile
+
+    path = tmp_path / "t.safetensors"
+    save_file(
+        {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(100, dtype=torch.bfloat16)}, path
+    )
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice))
+    )
+    with SafetensorsFile(path) as f:
+        b = f.info("b")
+        f.release("b", 10, 30)
+        f.release("b")
+        f.release()
+        assert calls == [
+            (b.start + 20, 40, os.POSIX_FADV_DONTNEED),
+            (b.start, 200, os.POSIX_FADV_DONTNEED),
+            (0, 0, os.POSIX_FADV_DONTNEED),
+        ]
+
+        def refuse(*_args: object) -> None:
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(os, "posix_fadvise", refuse)
+        f.release()
+        assert torch.equal(f.read_range("b", 10, 30), torch.arange(10, 30, dtype=torch.bfloat16))

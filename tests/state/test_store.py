@@ -163,3 +163,80 @@ def test_sketch_prefetch_covers_the_range_in_every_basis_vector(
         sketch.prefetch("w", 10, 20)
         assert calls == [(start + 40, 40), (start + 4 * 50 + 40, 40)]
         assert torch.equal(sketch.columns("w", 10, 20), torch.arange(100.0).reshape(2, 50)[:, 10:20])
+
+
+def _resident(path: Path) -> list[bool]:
+    """Per page of ``path``: is it in the page cache (mincore(2) on a private mapping)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    vec = (ctypes.c_ubyte * pages)()
+    with path.open("rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        anchor = ctypes.c_char.from_buffer(mapped)  # the mapping's address; touches no page
+        try:
+            if libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore on {path}")
+        finally:
+            del anchor
+    return [bool(b & 1) for b in vec]
+
+
+def test_an_ingest_drops_the_replaced_basis_from_the_page_cache(tmp_path: Path) -> None:
+    """The basis an ingest replaces leaves the page cache: it becomes the spare, which the next
+    generation overwrites without reading. On a state larger than RAM its pages would otherwise
+    evict the new sketch, the base and the anchors that the next ingest does read (bench/README.md,
+    1.5B). Each tensor's basis goes as soon as its pass 2 has read it — while the ingest runs, which
+    is when the room is needed — and the rest (pages shared by two tensors) after the commit. The
+    new basis stays cached."""
+    import mmap
+    import os
+
+    from relexd.io.safetensors_file import SafetensorsFile
+
+    big = "model.embed_tokens.weight"
+    shapes = {
+        big: ((2048, 512), torch.bfloat16),  # 8 MiB of basis at rank 2: interior pages to look at
+        "model.layers.0.mlp.up_proj.weight": ((384, 256), torch.float32),
+        "model.norm.weight": ((256,), torch.float32),
+    }
+    planted = Planted.make(shapes, seed=3, a=0.05, b=0.01, noise=0.002)
+    base = write_hf_checkpoint(tmp_path / "base", planted.base)
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if any(_resident(probe)):
+        pytest.skip(f"the file system of {tmp_path} keeps pages it is told to drop (tmpfs?)")
+
+    margin = (2 << 20) // mmap.PAGESIZE  # a large folio straddling the tensor's ends may stay
+    seen: list[int] = []
+
+    def interior_cached(sketch: Path, name: str, numel: int) -> None:
+        if name == big:
+            with SafetensorsFile(sketch) as f:
+                info = f.info(big)
+            first, last = info.start // mmap.PAGESIZE + margin, info.end // mmap.PAGESIZE - margin
+            seen.append(sum(_resident(sketch)[first:last]))
+
+    state = tmp_path / "state"
+    with Engine(state, base, EngineConfig(), threads=2) as engine:
+        for step in (10, 20, 30):
+            checkpoint = write_hf_checkpoint(tmp_path / f"checkpoint-{step}", planted.at(step), step)
+            if step == 10:
+                engine.ingest(checkpoint, step)
+            else:
+                old = _sketch(state)
+                inode = old.stat().st_ino
+                engine.ingest(checkpoint, step, on_tensor=lambda n, k, old=old: interior_cached(old, n, k))
+                assert _spare(state).stat().st_ino == inode  # the replaced basis, now the spare
+                assert not any(_resident(_spare(state))), "pages of the replaced basis still cached"
+            assert all(_resident(_sketch(state)))
+    assert seen == [0, 0], "the big tensor's basis was still cached after its pass"
