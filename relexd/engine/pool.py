@@ -8,7 +8,10 @@ beside a trainer that keeps the cores busy that made it 10–100× slower (bench
 independent single-threaded tasks each progress whenever they get a core.
 
 Tasks start largest first (longest-processing-time-first scheduling: the big embedding does not
-start last and run alone) and only while the tensors in flight fit the memory budget. Results are
+start last and run alone) and only while the tensors in flight fit the memory budget. Tasks of equal
+cost (a model's many same-shaped layers) start in the caller's order, or reversed (``reverse_ties``):
+the engine alternates the two from one checkpoint to the next, for the page cache's sake (see
+:func:`relexd.engine.ingest.run_tensors`). Results are
 handed back by name: the caller combines them in its own fixed order, so nothing it computes
 depends on how many workers there were or which finished first.
 """
@@ -73,6 +76,8 @@ class TensorPool(Closeable):
         costs: Mapping[str, int],
         task: Callable[[str, Cutoff], R],
         on_done: Callable[[str, R], None] | None = None,
+        *,
+        reverse_ties: bool = False,
     ) -> dict[str, R]:
         """Run ``task(name, abort)`` for every name of ``costs`` (name → bytes it holds while
         running); returns name → result.
@@ -81,10 +86,12 @@ class TensorPool(Closeable):
         ``abort.is_set()`` and stop early by raising :class:`Cancelled`; those before it still run,
         so the error raised in the end is the one of the earliest failing name — the one a
         sequential run would have met, whichever worker failed first. ``on_done`` runs in the
-        calling thread as each task completes.
+        calling thread as each task completes. ``reverse_ties`` starts tasks of equal cost in
+        reverse order (which error is raised does not change).
         """
         index = {name: i for i, name in enumerate(costs)}
-        waiting = sorted(costs, key=lambda n: (-costs[n], index[n]))
+        tie = -1 if reverse_ties else 1
+        waiting = sorted(costs, key=lambda n: (-costs[n], tie * index[n]))
         state = _Run(len(index))
         results: dict[str, R] = {}
         errors: dict[str, BaseException] = {}

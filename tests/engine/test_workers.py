@@ -237,3 +237,37 @@ def test_pool_stops_starting_tasks_after_a_failure_and_raises_the_earliest() -> 
     with TensorPool(8) as pool, pytest.raises(ValueError, match="t3"):
         pool.run(costs, task)
     assert len(ran) < len(costs)
+
+
+def test_pool_can_start_tasks_of_equal_cost_in_reverse() -> None:
+    costs = {"a": 10, "big": 50, "b": 10, "c": 10, "d": 5, "e": 5}
+    for reverse, expected in (
+        (False, ["big", "a", "b", "c", "d", "e"]),
+        (True, ["big", "c", "b", "a", "e", "d"]),
+    ):
+        started: list[str] = []
+        with TensorPool(1) as pool:
+            pool.run(costs, lambda name, _abort, started=started: started.append(name), reverse_ties=reverse)
+        assert started == expected
+
+
+def test_equal_tensors_are_computed_in_alternating_order_from_one_checkpoint_to_the_next(
+    tmp_path: Path,
+) -> None:
+    """Same-shaped tensors go in file order at one checkpoint and reversed at the next, so that a
+    state larger than the page cache is not read in the cyclic order LRU eviction serves worst
+    (relexd.engine.ingest.run_tensors); the largest tensor still goes first."""
+    shapes = {"model.embed_tokens.weight": ((64, 32), torch.bfloat16)}
+    shapes |= {f"model.layers.{i}.mlp.up_proj.weight": ((48, 32), torch.float32) for i in range(4)}
+    planted = Planted.make(shapes, seed=5, b=0.01)
+    base = write_hf_checkpoint(tmp_path / "base", planted.base)
+    orders: list[list[str]] = []
+    with Engine(tmp_path / "state", base, EngineConfig(), threads=1) as engine:
+        for step in (10, 20, 30):
+            done: list[str] = []
+            checkpoint = write_hf_checkpoint(tmp_path / f"checkpoint-{step}", planted.at(step), step)
+            engine.ingest(checkpoint, step, on_tensor=lambda name, _n, done=done: done.append(name))
+            orders.append(done)
+    layers = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)]
+    assert [order[0] for order in orders] == ["model.embed_tokens.weight"] * 3
+    assert [order[1:] for order in orders] == [layers[::-1], layers, layers[::-1]]
