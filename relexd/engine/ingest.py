@@ -27,6 +27,7 @@ import torch
 
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
+from relexd.engine.page_cache import page_cache_room, state_outgrows_page_cache
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.reader import WeightReader
@@ -383,12 +384,17 @@ class CheckpointPass:
         self.per_tensor: dict[str, dict[str, Any]] = {}
         self.new_anchor_tensors: dict[str, list[float]] = {}
         self.bytes_read = 0
+        #: drop the replaced sketch's pages once read (set by :meth:`open_writers`)
+        self.drop_replaced = False
 
     def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:
         """Writers of the sketch (and new anchor) rows of ``names``: all tracked tensors into one
         file of the transaction, or one cluster worker's share into its part files."""
         numels = {n: self.base.reader.info(n).numel for n in names}
         width = self.config.width
+        self.drop_replaced = self.old_sketch is not None and state_outgrows_page_cache(
+            self._working_set(numels), page_cache_room()
+        )
         self.sketch = txn.sketch_writer({n: (torch.float32, (width, k)) for n, k in numels.items()})
         if self.make_anchor:
             adt = self.config.anchor_torch_dtype
@@ -399,10 +405,23 @@ class CheckpointPass:
                 self.step, {f"x/{n}": (adt, (k,)) for n, k in numels.items()}, "x"
             )
 
+    def _working_set(self, numels: dict[str, int]) -> int:
+        """Bytes of these tensors that this ingest reads or writes and the next one reads again
+        (two sketches, the base, the scored anchors), plus the checkpoint's."""
+        count = sum(numels.values())
+        sketches = 2 * 4 * self.config.width * count
+        anchors = len(self.anchor_files) * 2 * count * self.config.anchor_torch_dtype.itemsize
+        stored = sum(
+            k * (self.base.reader.info(n).dtype.itemsize + self.ckpt.info(n).dtype.itemsize)
+            for n, k in numels.items()
+        )
+        return sketches + anchors + stored
+
     def release_old_sketch(self) -> None:
         """Drop what is left of the replaced sketch from the page cache once the new generation is
-        committed (each tensor's basis already went after its pass 2: :meth:`run_tensor`)."""
-        if self.old_sketch is not None:
+        committed, where it is to be dropped at all (each tensor's basis already went after its
+        pass 2: :meth:`run_tensor`; :mod:`relexd.engine.page_cache` says when)."""
+        if self.drop_replaced and self.old_sketch is not None:
             self.old_sketch.release()
 
     def close(self) -> None:
@@ -452,7 +471,8 @@ class CheckpointPass:
         CPU's cache, an exact residual pass runs only if the products cancel, then pass 2 writes the
         new columns (and the new anchor's vectors) into their places. The next chunk of the state's
         files is requested from the disk while the current one computes (:meth:`_prefetch`), and the
-        old basis leaves the page cache once pass 2 has read it (:meth:`SketchFile.release`)."""
+        old basis leaves the page cache once pass 2 has read it where the state outgrows the page
+        cache (:meth:`SketchFile.release`, :mod:`relexd.engine.page_cache`)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
@@ -519,7 +539,7 @@ class CheckpointPass:
                 xa32 = as_f32(xa)
                 a_xsq += float(torch.dot(xa32, xa32))
 
-        if self.old_sketch is not None:
+        if self.drop_replaced and self.old_sketch is not None:
             self.old_sketch.release(name)  # read for the last time: the spare-to-be, never read again
         drift = None
         vv_old, vv_new, v_cross = upd.direction_change()

@@ -230,11 +230,12 @@ class SketchFile(Closeable):
         ingest has read it for the last time (:meth:`SafetensorsFile.release`).
 
         Why: after the commit this file is the spare, which the next generation overwrites without
-        reading it, so its cached pages are dead. Left cached, they take room from what the next
-        ingest does read (the new sketch, the base, the anchors): on a state larger than the page
-        cache they made nearly every one of those pages a miss (1.5B, bench/README.md). Per tensor, as soon
-        as its pass 2 is done, so that the room is there while the ingest runs; in full at the end
-        for the pages (large folios) that straddle two tensors.
+        reading it, so its cached pages are dead. On a state larger than the page cache they take
+        room from what the next ingest does read (the new sketch, the base, the anchors) and made
+        nearly every one of those pages a miss (1.5B, bench/README.md); on a state that fits they
+        are better kept (:mod:`relexd.engine.page_cache` decides). Per tensor, as soon as its pass 2
+        is done, so that the room is there while the ingest runs; in full at the end for the pages
+        (large folios) that straddle two tensors.
         """
         if name is None:
             for file in self._files.parts:

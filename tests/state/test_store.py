@@ -185,17 +185,24 @@ def _resident(path: Path) -> list[bool]:
     return [bool(b & 1) for b in vec]
 
 
-def test_an_ingest_drops_the_replaced_basis_from_the_page_cache(tmp_path: Path) -> None:
-    """The basis an ingest replaces leaves the page cache: it becomes the spare, which the next
-    generation overwrites without reading. On a state larger than RAM its pages would otherwise
-    evict the new sketch, the base and the anchors that the next ingest does read (bench/README.md,
-    1.5B). Each tensor's basis goes as soon as its pass 2 has read it — while the ingest runs, which
-    is when the room is needed — and the rest (pages shared by two tensors) after the commit. The
-    new basis stays cached."""
+@pytest.mark.parametrize("fits", [False, True], ids=["outgrows", "fits"])
+def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fits: bool
+) -> None:
+    """Where the state outgrows the page cache, the basis an ingest replaces leaves it: it becomes
+    the spare, which the next generation overwrites without reading, and its pages would evict the
+    new sketch, the base and the anchors that the next ingest does read (bench/README.md, 1.5B).
+    Each tensor's basis goes as soon as its pass 2 has read it — while the ingest runs, which is
+    when the room is needed — and the rest (pages shared by two tensors) after the commit. Where
+    the state fits, it stays: overwriting cached pages is the spare's point. The new basis stays
+    cached either way."""
     import mmap
     import os
 
+    from relexd.engine import ingest as ingest_module
     from relexd.io.safetensors_file import SafetensorsFile
+
+    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1 << 50 if fits else 1 << 20)
 
     big = "model.embed_tokens.weight"
     shapes = {
@@ -237,6 +244,10 @@ def test_an_ingest_drops_the_replaced_basis_from_the_page_cache(tmp_path: Path) 
                 inode = old.stat().st_ino
                 engine.ingest(checkpoint, step, on_tensor=lambda n, k, old=old: interior_cached(old, n, k))
                 assert _spare(state).stat().st_ino == inode  # the replaced basis, now the spare
-                assert not any(_resident(_spare(state))), "pages of the replaced basis still cached"
+                if fits:
+                    assert all(_resident(_spare(state))), "the spare left the page cache"
+                else:
+                    assert not any(_resident(_spare(state))), "pages of the replaced basis still cached"
             assert all(_resident(_sketch(state)))
-    assert seen == [0, 0], "the big tensor's basis was still cached after its pass"
+    if not fits:
+        assert seen == [0, 0], "the big tensor's basis was still cached after its pass"

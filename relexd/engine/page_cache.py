@@ -1,0 +1,61 @@
+"""Does the state an ingest reads fit in the page cache? That decides what to do with the replaced
+sketch's pages.
+
+An ingest reads the old sketch, the base and the scored anchor, and overwrites the spare sketch
+(:mod:`relexd.state.store`) with the new one; the next ingest reads the new one. Both answers were
+measured, ingest after ingest on one state with a fresh checkpoint each time
+(``python -m bench.page_cache``, bench/README.md):
+
+- it fits (0.5B rank 2, ~12 GB, on 23.5 GB of RAM): the replaced sketch's pages are best left
+  cached. It becomes the spare, and overwriting cached pages needs no new memory; dropping them
+  made every steady ingest 2-3× slower (system time 7-9 s instead of 2-3 s: the kernel reclaiming
+  4 GB of other pages for the writes) and read nothing less from the disk.
+- it does not (1.5B rank 2, ~37 GB): those pages are dead weight — nothing reads the spare — and
+  left cached they evicted the new sketch, base and anchor that the next ingest reads, which then
+  came from the disk (21-23 GB per ingest). Dropped as soon as read (:meth:`SketchFile.release`),
+  11-14 GB.
+
+"Fits" compares the ingest's working set with the memory the kernel could give the page cache now:
+``MemAvailable`` (free memory plus reclaimable cache, our own cached state included), capped by
+the memory limit of relexd's cgroup (v2 ``memory.max``), which page cache is charged to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def page_cache_room(
+    meminfo: Path = MEMINFO, cgroup: Path = CGROUP, cgroup_root: Path = CGROUP_ROOT
+) -> int | None:
+    """Bytes the page cache could hold for relexd now, or None where the host does not say
+    (not Linux): then nothing is dropped."""
+    try:
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        room = int(fields["MemAvailable"].split()[0]) * 1024  # "123456 kB"
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    limit = _cgroup_memory_max(cgroup, cgroup_root)
+    return room if limit is None else min(room, limit)
+
+
+def _cgroup_memory_max(cgroup: Path, cgroup_root: Path) -> int | None:
+    """The v2 ``memory.max`` of this process's cgroup ("0::/path"), or None when unlimited/unknown."""
+    try:
+        for line in cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                value = (cgroup_root / line[3:].lstrip("/") / "memory.max").read_text().strip()
+                return None if value == "max" else int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def state_outgrows_page_cache(working_set: int, room: int | None) -> bool:
+    """True when ``working_set`` bytes (what an ingest reads or writes and the next one reads
+    again) are more than the page cache has ``room`` for."""
+    return room is not None and working_set > room
