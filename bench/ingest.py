@@ -70,8 +70,12 @@ finally:
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 # what reached the storage (Linux task I/O accounting): the page cache's share of the reads shows
 io = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
+# CPU time of the whole child (start-up included): page-cache work shows as system time
+import resource
+usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"ingest_s": report.seconds, "vm_hwm": hwm, "disk_read": int(io["read_bytes"]),
-                  "disk_write": int(io["write_bytes"])}))
+                  "disk_write": int(io["write_bytes"]), "cpu_user": usage.ru_utime,
+                  "cpu_sys": usage.ru_stime}))
 """
 
 HEADERS = [

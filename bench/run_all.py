@@ -8,7 +8,10 @@ relexd's signals said "trust" when a preview lost, over 4 learning rates × 3 se
 with ``--quick``); ``beside`` what relexd costs a training loop it follows (~6 min); ``cluster`` ingest
 on 1 and 2 Ray workers against 2 local threads (~7 min, the ``relexd[ray]`` extra); ``spare`` the
 spare sketch against none, paired on copies of one state (~12 min); ``paired`` today's engine
-against the one before the fused pass 1, on copies of one state, cached and evicted (~10 min).
+against the one before the fused pass 1, on copies of one state, cached and evicted (~10 min);
+``page-cache`` today's engine against the one before it dropped the replaced sketch from the page
+cache, in alternating blocks of steady ingests of one 1.5B state that outgrows the page cache
+(~25 min, ~50 GB of scratch disk; small shapes with ``--quick``, which only exercises it).
 Benchmarks run one after another, never concurrently, each in its own temp dir under /tmp that is
 deleted afterwards.
 """
@@ -26,7 +29,7 @@ from relexd.engine.config import DEFAULT_RANK, available_cores
 
 BENCHMARKS = (
     "accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside",
-    "cluster", "spare", "paired",
+    "cluster", "spare", "paired", "page-cache",
 )  # fmt: skip
 RESULTS = Path(__file__).parent / "results"
 
@@ -150,6 +153,14 @@ def main() -> None:
         shape = QWEN25_05B.smaller(2, 16384) if args.quick else QWEN25_05B
         result = paired.run(shape, DEFAULT_RANK, 1 if args.quick else 3, paired.BEFORE_REV)
         save("paired", paired.report(result), time.perf_counter() - t0)
+    if "page-cache" in args.only:
+        from bench import page_cache
+
+        t0 = time.perf_counter()
+        shape = QWEN25_05B.smaller(2, 16384) if args.quick else QWEN25_15B
+        blocks, size = (2, 3) if args.quick else (4, 4)
+        result = page_cache.run(shape, DEFAULT_RANK, blocks, size, page_cache.BEFORE_REV)
+        save("page-cache", page_cache.report(result), time.perf_counter() - t0)
     if "cluster" in args.only:
         from bench import cluster
 
