@@ -111,7 +111,7 @@ def report(result: dict[str, Any]) -> str:
         rows.append(
             [result["model"], result["rank"], label, len(steady[engine]),
              m["seconds"], m["read_gb"], m["sys_s"],
-             ref["seconds"] / m["seconds"], ref["read_gb"] / m["read_gb"] if m["read_gb"] else None]
+             ref["seconds"] / m["seconds"], ref["read_gb"] / m["read_gb"] if m["read_gb"] > 0.01 else None]
         )  # fmt: skip
     summary = markdown_table(
         ["model", "rank", "engine", "steady ingests", "median s", "median disk read GB", "median sys s",

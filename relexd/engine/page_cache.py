@@ -3,17 +3,17 @@ sketch's pages.
 
 An ingest reads the old sketch, the base and the scored anchor, and overwrites the spare sketch
 (:mod:`relexd.state.store`) with the new one; the next ingest reads the new one. Both answers were
-measured, ingest after ingest on one state with a fresh checkpoint each time
-(``python -m bench.page_cache``, bench/README.md):
+measured, ingest after ingest on one state with a fresh checkpoint each time (bench/README.md, "at
+1.5B the page cache held the wrong pages"; ``python -m bench.page_cache`` repeats it):
 
 - it fits (0.5B rank 2, ~12 GB, on 23.5 GB of RAM): the replaced sketch's pages are best left
   cached. It becomes the spare, and overwriting cached pages needs no new memory; dropping them
-  made every steady ingest 2-3× slower (system time 7-9 s instead of 2-3 s: the kernel reclaiming
+  made every steady ingest 2-4× slower (system time 7-9 s instead of 2-3 s: the kernel reclaiming
   4 GB of other pages for the writes) and read nothing less from the disk.
 - it does not (1.5B rank 2, ~37 GB): those pages are dead weight — nothing reads the spare — and
   left cached they evicted the new sketch, base and anchor that the next ingest reads, which then
   came from the disk (21-23 GB per ingest). Dropped as soon as read (:meth:`SketchFile.release`),
-  11-14 GB.
+  7-14 GB.
 
 "Fits" compares the ingest's working set with the memory the kernel could give the page cache now:
 ``MemAvailable`` (free memory plus reclaimable cache, our own cached state included), capped by
