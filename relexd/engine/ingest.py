@@ -540,7 +540,7 @@ class CheckpointPass:
                 a_xsq += float(torch.dot(xa32, xa32))
 
         if self.drop_replaced and self.old_sketch is not None:
-            self.old_sketch.release(name)  # read for the last time: the spare-to-be, never read again
+            self.old_sketch.release(name)  # read for the last time: next it is overwritten or deleted
         drift = None
         vv_old, vv_new, v_cross = upd.direction_change()
         if vv_old > 0.0 and vv_new > 0.0:
