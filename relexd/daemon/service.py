@@ -614,6 +614,7 @@ class WatchService:
             bytes=report.bytes_read,
             observed=len(engine.steps),
             pinned=waiting.pin is not None,
+            **({"replaced_sketch": report.replaced_sketch} if report.replaced_sketch else {}),
             **{k: v for k, v in report.figures.items() if v is not None},
         )
         return Outcome.INGESTED

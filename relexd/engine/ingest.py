@@ -93,6 +93,9 @@ class IngestReport:
     snapshot: Snapshot
     figures: dict[str, float | None] = field(default_factory=dict)
     forecasts: list[dict[str, Any]] = field(default_factory=list)
+    #: what became of the replaced sketch's pages (:mod:`relexd.engine.page_cache`): "dropped" (the
+    #: state outgrows the page cache), "kept", or None (no sketch replaced, or cluster workers decided)
+    replaced_sketch: str | None = None
 
 
 Span = tuple[int, int]
@@ -309,7 +312,10 @@ def ingest(
     finally:
         work.close()
     seconds = time.monotonic() - started
-    return IngestReport(step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"])
+    replaced = None if work.drop_replaced is None else ("dropped" if work.drop_replaced else "kept")
+    return IngestReport(
+        step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"], replaced
+    )
 
 
 @dataclass
@@ -384,17 +390,17 @@ class CheckpointPass:
         self.per_tensor: dict[str, dict[str, Any]] = {}
         self.new_anchor_tensors: dict[str, list[float]] = {}
         self.bytes_read = 0
-        #: drop the replaced sketch's pages once read (set by :meth:`open_writers`)
-        self.drop_replaced = False
+        #: drop the replaced sketch's pages once read (decided by :meth:`open_writers`, where this
+        #: process writes the sketch; None: not decided here)
+        self.drop_replaced: bool | None = None
 
     def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:
         """Writers of the sketch (and new anchor) rows of ``names``: all tracked tensors into one
         file of the transaction, or one cluster worker's share into its part files."""
         numels = {n: self.base.reader.info(n).numel for n in names}
         width = self.config.width
-        self.drop_replaced = self.old_sketch is not None and state_outgrows_page_cache(
-            self._working_set(numels), page_cache_room()
-        )
+        if self.old_sketch is not None:
+            self.drop_replaced = state_outgrows_page_cache(self._working_set(numels), page_cache_room())
         self.sketch = txn.sketch_writer({n: (torch.float32, (width, k)) for n, k in numels.items()})
         if self.make_anchor:
             adt = self.config.anchor_torch_dtype

@@ -84,6 +84,8 @@ def test_watch_empty_dir_while_trainer_writes(
         logs = daemon.logs()
         ingested = [r for r in logs if r.get("event") == "checkpoint ingested"]
         assert [r["step"] for r in ingested] == STEPS and all(r["path"] for r in ingested)
+        # the log says what became of each replaced sketch's pages; a tiny state fits in RAM
+        assert [r.get("replaced_sketch") for r in ingested] == [None] + ["kept"] * (len(STEPS) - 1)
         assert not [r for r in logs if r.get("level") in ("error", "critical")]
 
         status = subprocess.run(

@@ -238,11 +238,14 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
         for step in (10, 20, 30):
             checkpoint = write_hf_checkpoint(tmp_path / f"checkpoint-{step}", planted.at(step), step)
             if step == 10:
-                engine.ingest(checkpoint, step)
+                assert engine.ingest(checkpoint, step).replaced_sketch is None  # nothing replaced
             else:
                 old = _sketch(state)
                 inode = old.stat().st_ino
-                engine.ingest(checkpoint, step, on_tensor=lambda n, k, old=old: interior_cached(old, n, k))
+                report = engine.ingest(
+                    checkpoint, step, on_tensor=lambda n, k, old=old: interior_cached(old, n, k)
+                )
+                assert report.replaced_sketch == ("kept" if fits else "dropped")
                 assert _spare(state).stat().st_ino == inode  # the replaced basis, now the spare
                 if fits:
                     assert all(_resident(_spare(state))), "the spare left the page cache"
