@@ -383,11 +383,12 @@ class SafetensorsFile(Closeable):
         if name is None:
             self._advise_bytes(0, 0, "POSIX_FADV_DONTNEED")  # length 0: to the end of the file
         else:
-            self._advise(name, start, self.info(name).numel if stop is None else stop, "POSIX_FADV_DONTNEED")
+            self._advise(name, start, stop, "POSIX_FADV_DONTNEED")
 
-    def _advise(self, name: str, start: int, stop: int, advice: str) -> None:
+    def _advise(self, name: str, start: int, stop: int | None, advice: str) -> None:
+        """``advice`` for elements ``[start, stop)`` of ``name`` (stop None: to its end), clipped."""
         info = self.info(name)
-        start, stop = max(0, start), min(stop, info.numel)
+        start, stop = max(0, start), info.numel if stop is None else min(stop, info.numel)
         if start < stop:
             itemsize = info.dtype.itemsize
             self._advise_bytes(info.start + start * itemsize, (stop - start) * itemsize, advice)
