@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from relexd.errors import CheckpointError
-from relexd.io.safetensors_file import DTYPES, dtype_code, read_header
+from relexd.io.safetensors_file import DTYPES, SafetensorsFile, dtype_code, read_header
 
 
 def _raw_file(path: Path, header: dict, data: bytes) -> Path:
@@ -208,13 +208,9 @@ def test_an_owner_only_file_of_another_user_says_why_and_what_to_do(good: Path, 
     assert "(mode" not in str(raised.value)
 
 
-def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The read-ahead hint names exactly the bytes a read of the same range would read (clipped
-    to the tensor), asks nothing for an empty range, and a refused hint is no error."""
-    from relexd.io.safetensors_file import SafetensorsFile
-
+@pytest.fixture
+def advised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[tuple[int, int, int]]]:
+    """A file of two tensors, and the (offset, length, advice) of every posix_fadvise call."""
     path = tmp_path / "t.safetensors"
     save_file(
         {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(100, dtype=torch.bfloat16)}, path
@@ -223,6 +219,19 @@ def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
     monkeypatch.setattr(
         os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice))
     )
+    return path, calls
+
+
+def _refuse(*_args: object) -> None:
+    raise OSError(22, "Invalid argument")
+
+
+def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
+    advised: tuple[Path, list[tuple[int, int, int]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-ahead hint names exactly the bytes a read of the same range would read (clipped
+    to the tensor), asks nothing for an empty range, and a refused hint is no error."""
+    path, calls = advised
     with SafetensorsFile(path) as f:
         b = f.info("b")
         f.prefetch("b", 10, 30)
@@ -232,30 +241,17 @@ def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
             (b.start + 20, 40, os.POSIX_FADV_WILLNEED),
             (b.start + 180, 20, os.POSIX_FADV_WILLNEED),
         ]
-
-        def refuse(*_args: object) -> None:
-            raise OSError(22, "Invalid argument")
-
-        monkeypatch.setattr(os, "posix_fadvise", refuse)
+        monkeypatch.setattr(os, "posix_fadvise", _refuse)
         f.prefetch("b", 0, 100)  # a hint: its failure is not the read's
         assert torch.equal(f.read_range("b", 10, 30), torch.arange(10, 30, dtype=torch.bfloat16))
 
 
 def test_release_drops_the_bytes_of_the_element_range_or_the_whole_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    advised: tuple[Path, list[tuple[int, int, int]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Dropping pages names the same bytes a read of the range would read (default: the whole
     tensor), or the whole file without a name; a refused hint is no error."""
-    from relexd.io.safetensors_file import SafetensorsFile
-
-    path = tmp_path / "t.safetensors"
-    save_file(
-        {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(100, dtype=torch.bfloat16)}, path
-    )
-    calls: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(
-        os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice))
-    )
+    path, calls = advised
     with SafetensorsFile(path) as f:
         b = f.info("b")
         f.release("b", 10, 30)
@@ -266,10 +262,6 @@ def test_release_drops_the_bytes_of_the_element_range_or_the_whole_file(
             (b.start, 200, os.POSIX_FADV_DONTNEED),
             (0, 0, os.POSIX_FADV_DONTNEED),
         ]
-
-        def refuse(*_args: object) -> None:
-            raise OSError(22, "Invalid argument")
-
-        monkeypatch.setattr(os, "posix_fadvise", refuse)
+        monkeypatch.setattr(os, "posix_fadvise", _refuse)
         f.release()
         assert torch.equal(f.read_range("b", 10, 30), torch.arange(10, 30, dtype=torch.bfloat16))
