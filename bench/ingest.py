@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import MB, markdown_table, plain_read
+from bench.common import GB, MB, markdown_table, plain_read
 from bench.common import scratch_dir as scratch
 from bench.synthetic import QWEN25_05B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
 from relexd.engine.config import DEFAULT_RANK, available_cores
@@ -257,7 +257,7 @@ def run(
                     [
                         shape.name, rank, config.label, config.threads, n, "yes" if anchor else "",
                         rec["ingest_s"], read_s, write_s, in_place_s, rec["ingest_s"] / floor,
-                        rec["disk_read"] / 1e9, rec["disk_write"] / 1e9,
+                        rec["disk_read"] / GB, rec["disk_write"] / GB,
                         rec["vm_hwm"] / MB, rec["vm_hwm"] / largest_f32,
                     ]
                 )  # fmt: skip

@@ -26,7 +26,7 @@ import shutil
 import statistics
 from typing import Any
 
-from bench.common import markdown_table
+from bench.common import GB, markdown_table
 from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, Config, before_tree, ingest_child
 from bench.synthetic import ModelShape, Trajectory
@@ -36,7 +36,6 @@ from relexd.math.confidence import is_anchor_count
 
 #: the engine before the replaced sketch left the page cache and the tensor order alternated
 BEFORE_REV = "fe78613"
-GB = 1e9
 BUILD_CHECKPOINTS = 4
 
 
