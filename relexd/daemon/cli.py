@@ -242,6 +242,7 @@ def watch(
 ) -> None:
     """Follow a training run: ingest checkpoints as they complete and keep previews ahead of it."""
     setup_logging(log_format.value)
+    log = structlog.get_logger("relexd.daemon")
     # systemd's watchdog kills a hung daemon with SIGABRT: print every thread's Python stack to
     # stderr (the journal) first, so the operator sees where it hung
     with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
@@ -301,12 +302,9 @@ def watch(
         service.open()
     except (RelexdError, ValueError, OSError) as exc:
         # through the log pipeline, so that under systemd this line is JSON like every other one
-        structlog.get_logger("relexd.daemon").error("cannot start", error=str(exc))
+        log.error("cannot start", error=str(exc))
         raise typer.Exit(2) from None
-    frozen = freeze_startup_heap()
-    structlog.get_logger("relexd.daemon").info(
-        "startup objects moved out of the collector's sight", objects=frozen
-    )
+    log.info("startup objects moved out of the collector's sight", objects=freeze_startup_heap())
     raise typer.Exit(service.run())
 
 
