@@ -70,8 +70,14 @@ log = structlog.get_logger("relexd.daemon")
 
 #: Backoff after a failed state write (disk full): doubles up to the maximum.
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 300.0
-#: Least time between two scans: a burst of file events costs one scan, not one each.
-SCAN_GAP_S = 0.05
+#: Least time between the starts of two scans: a burst of file events costs a few scans, not one
+#: each. Short, because it is added to the time a checkpoint waits for its pin: a trainer that
+#: saves every ~25 ms and keeps two deletes each checkpoint ~50 ms after completing it (a 50 ms
+#: gap lost checkpoints of a real TRL run that way).
+SCAN_GAP_MIN_S = 0.005
+#: The most of one core the scout spends scanning during a burst of events: a scan of a run
+#: directory with hundreds of checkpoints takes ~10 ms, so the gap grows with the last scan's time.
+SCAN_SHARE = 0.2
 #: File in the state directory telling ``relexd status`` where the daemon writes previews.
 DAEMON_FILE = "daemon.json"
 #: With --ray: the workers as the coordinator last saw them (``relexd status``)
@@ -82,6 +88,12 @@ PIN_DIR = "pins"
 REMEMBERED_CHECKPOINTS = 16
 #: Ledger status of each hook outcome ("shutdown" is none: the job stays pending, re-run on start).
 EVAL_STATUS = {"ok": "done", "gone": "gone", "superseded": "superseded"}
+
+
+def scan_gap(last_scan_cpu_s: float) -> float:
+    """Seconds from the start of one scan to the earliest start of the next, given the CPU time the
+    last one took (CPU, not wall: waiting for the GIL behind the worker costs no core)."""
+    return max(SCAN_GAP_MIN_S, last_scan_cpu_s / SCAN_SHARE)
 
 
 class Outcome(Enum):
@@ -409,7 +421,7 @@ class WatchService:
         self.stop_event.set()
 
     def _scout_loop(self) -> None:
-        last = 0.0
+        last, cpu = 0.0, 0.0
         while not self.stop_event.is_set():
             wait = self.settings.reconcile_interval
             rescan = self.intake.needs_rescan_in() if self.intake else None
@@ -418,13 +430,14 @@ class WatchService:
             if last:
                 self._wait(self._scan_wake, wait)
             self._scan_wake.clear()
-            gap = SCAN_GAP_S - (time.monotonic() - last)
+            gap = scan_gap(cpu) - (time.monotonic() - last)
             if gap > 0:
                 self.stop_event.wait(gap)
             if self.stop_event.is_set():
                 break
-            last = time.monotonic()
+            last, started = time.monotonic(), time.thread_time()
             self.scan_once()
+            cpu = time.thread_time() - started
 
     def _worker_loop(self) -> None:
         while not self.stop_event.is_set():

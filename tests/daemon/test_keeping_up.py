@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from relexd.daemon.config import WatchSettings
 from relexd.daemon.missed import read_ledger
-from relexd.daemon.service import WatchService
+from relexd.daemon.service import SCAN_SHARE, WatchService, scan_gap
 from relexd.errors import REASONS
 from relexd.state.store import read_snapshot
 from tests.daemon.trainer_sim import Daemon, hf_save, make_base, rotate
@@ -66,9 +66,11 @@ def test_real_trl_grpo_every_step_with_rotation_is_followed_completely(tmp_path:
     aside.mkdir()
     writer = [sys.executable, str(HERE / "trl_writer.py")]
     subprocess.run([*writer, "base", str(base)], check=True, timeout=300, cwd=ROOT)
-    # TRL saves a checkpoint every ~55 ms here, about as fast as relexd commits one on an idle
+    # TRL saves a checkpoint every 25-55 ms here, about as fast as relexd commits one on an idle
     # machine and faster on a loaded one: the pins must hold the whole backlog (24 small ones).
-    # With --max-pinned 0 this run loses checkpoints (README "Keeping up").
+    # With --max-pinned 0 this run loses checkpoints (README "Keeping up"). Each checkpoint is
+    # deleted two saves after it completes, so it must be pinned within ~50 ms: with 50 ms between
+    # scans (before scan_gap) this run lost one now and then.
     daemon = Daemon(tmp_path, run, base, "--preview-at", "100", "--max-pinned", "32")
     steps = 24
     try:
@@ -114,6 +116,17 @@ def test_real_trl_grpo_every_step_with_rotation_is_followed_completely(tmp_path:
     live_preview = load_file(str(daemon.state / "previews" / "step-100" / "model.safetensors"))
     offline_preview = load_file(str(offline_out / "step-100" / "model.safetensors"))
     assert all(torch.equal(live_preview[k], offline_preview[k]) for k in offline_preview)
+
+
+def test_the_scout_rescans_at_once_after_a_cheap_scan_and_spends_a_bounded_share_on_costly_ones() -> None:
+    """The gap between scans is added to the time a checkpoint waits for its pin: after a scan of a
+    few checkpoints (~0.3 ms) the next may start within a fraction of a 25 ms save cadence, while a
+    run directory whose scans are slow (hundreds of checkpoints) gets at most SCAN_SHARE of a core."""
+    assert scan_gap(0.0003) <= 0.01
+    assert scan_gap(0.0) > 0  # a burst of events still costs a few scans, not one each
+    for cpu in (0.005, 0.02, 0.2):
+        assert cpu / scan_gap(cpu) == pytest.approx(SCAN_SHARE)
+    assert SCAN_SHARE <= 0.25
 
 
 #: With a rank-8 sketch on one worker (below), one ingest (read, passes over 8 basis vectors, write
