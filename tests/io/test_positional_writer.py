@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from relexd.io.safetensors_file import PositionalSafetensorsWriter, StreamingSafetensorsWriter
+from tests.io.page_cache import resident_pages
 
 TENSORS = {
     "w": torch.randn(64, 33, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
@@ -120,3 +121,84 @@ def test_abort_can_keep_the_file_for_recycling(tmp_path: Path) -> None:
     assert path.exists()
     with pytest.raises(ValueError, match="closed"):
         writer.write(*_chunks()[1])
+
+
+def _direct_chunks() -> tuple[dict[str, torch.Tensor], list[tuple[str, int, torch.Tensor]]]:
+    """A tensor whose 4 KiB chunks sit in page-aligned buffers (O_DIRECT-able), one chunk of it in
+    an unaligned buffer, and a small tensor that is never aligned."""
+    from relexd.io.safetensors_file import aligned_empty
+
+    big = torch.randn(2, 4096, generator=torch.Generator().manual_seed(3))
+    small = torch.arange(300, dtype=torch.float32).reshape(3, 100)
+    chunks: list[tuple[str, int, torch.Tensor]] = []
+    flat = big.reshape(-1)
+    for i in range(0, flat.numel(), 1024):
+        buf = aligned_empty((1024,), torch.float32)
+        chunks.append(("big", i, buf.copy_(flat[i : i + 1024])))
+    unaligned = torch.empty(1025)[1:]  # 4 bytes past an allocation's start
+    chunks[3] = ("big", 3 * 1024, unaligned.copy_(flat[3 * 1024 : 4 * 1024]))
+    chunks += [("small", i, small.reshape(-1)[i : i + 64]) for i in range(0, 300, 64)]
+    return {"big": big, "small": small}, chunks
+
+
+def test_direct_writes_give_the_bytes_of_plain_ones_around_the_page_cache(tmp_path: Path) -> None:
+    """``direct=True`` changes where the bytes go (around the page cache), never which: the file
+    equals a plain write's, loads with the reference library, and its data starts 4 KiB-aligned."""
+    from relexd.io.safetensors_file import DIRECT_ALIGN, SafetensorsFile
+
+    tensors, chunks = _direct_chunks()
+    specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    files = {}
+    for direct in (False, True):
+        path = files[direct] = tmp_path / f"direct-{direct}.safetensors"
+        writer = PositionalSafetensorsWriter(path, specs, align=DIRECT_ALIGN, direct=direct, flush_bytes=8192)
+        if direct and not writer.direct:
+            writer.abort()
+            pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+        shuffled = list(chunks)
+        random.Random(1).shuffle(shuffled)
+        for chunk in shuffled:
+            writer.write(*chunk)
+        writer.close()
+    with SafetensorsFile(files[True]) as f:  # reads the header's page only
+        info = f.info("big")
+    assert info.start % DIRECT_ALIGN == 0
+    # the aligned chunks went around the page cache; the one from an unaligned buffer through it
+    resident = resident_pages(files[True])[info.start // DIRECT_ALIGN : info.end // DIRECT_ALIGN]
+    assert resident == [False, False, False, True, False, False, False, False]
+    assert files[True].read_bytes() == files[False].read_bytes()
+    loaded = load_file(files[True])
+    assert all(torch.equal(loaded[n], tensors[n]) for n in tensors)
+
+
+def test_a_device_refusing_the_alignment_falls_back_to_plain_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL from an O_DIRECT write (a device with larger blocks than 4 KiB) is no error: that
+    write and all later ones go through the page cache."""
+    import errno
+    import os
+
+    from relexd.io.safetensors_file import DIRECT_ALIGN
+
+    tensors, chunks = _direct_chunks()
+    specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    path = tmp_path / "out.safetensors"
+    writer = PositionalSafetensorsWriter(path, specs, align=DIRECT_ALIGN, direct=True)
+    if not writer.direct:
+        writer.abort()
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    real_pwrite, direct_fd = os.pwrite, writer._direct_fd
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    for chunk in chunks:
+        writer.write(*chunk)
+    assert not writer.direct
+    writer.close()
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[n], tensors[n]) for n in tensors)
