@@ -31,7 +31,7 @@ from relexd.engine.page_cache import page_cache_room, state_outgrows_page_cache
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.reader import WeightReader
-from relexd.io.safetensors_file import PositionalSafetensorsWriter, dtype_code
+from relexd.io.safetensors_file import DIRECT_ALIGN, PositionalSafetensorsWriter, aligned_empty, dtype_code
 from relexd.math.confidence import (
     ForecastSums,
     TensorFigures,
@@ -220,6 +220,15 @@ def task_bytes(numel: int, width: int) -> int:
     return 4 * numel + 4 * (2 * width + 4) * min(numel, CHUNK_ELEMS)
 
 
+def sketch_order(numels: dict[str, int]) -> dict[str, int]:
+    """The tensors in the order their bases are stored in the sketch file: those whose basis
+    vectors are whole multiples of :data:`DIRECT_ALIGN` bytes first (every large matrix of real
+    models), the rest after (biases, norms). The data starts aligned, so every basis vector of the
+    first group, and every chunk of one, starts and ends aligned: what ``O_DIRECT`` needs."""
+    aligned = {n: k for n, k in numels.items() if (4 * k) % DIRECT_ALIGN == 0}
+    return aligned | {n: k for n, k in numels.items() if n not in aligned}
+
+
 def run_tensors(
     work: CheckpointPass,
     pool: TensorPool,
@@ -335,8 +344,8 @@ class _ChunkBuffers:
         return cls(
             raw=torch.empty(8 * chunk, dtype=torch.uint8),
             scratch=torch.empty(chunk, dtype=f32),
-            old=torch.empty(width, chunk, dtype=f32),
-            out=torch.empty(width, chunk, dtype=f32),
+            old=aligned_empty((width, chunk), f32),
+            out=aligned_empty((width, chunk), f32),  # its rows may be written with O_DIRECT
         )
 
 
@@ -390,8 +399,9 @@ class CheckpointPass:
         self.per_tensor: dict[str, dict[str, Any]] = {}
         self.new_anchor_tensors: dict[str, list[float]] = {}
         self.bytes_read = 0
-        #: drop the replaced sketch's pages once read (decided by :meth:`open_writers`, where this
-        #: process writes the sketch; None: not decided here)
+        #: the state outgrows the page cache: drop the replaced sketch's pages once read and write
+        #: the new one around it (decided by :meth:`open_writers`, where this process writes the
+        #: sketch; None: not decided here)
         self.drop_replaced: bool | None = None
 
     def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:
@@ -401,7 +411,11 @@ class CheckpointPass:
         width = self.config.width
         if self.old_sketch is not None:
             self.drop_replaced = state_outgrows_page_cache(self._working_set(numels), page_cache_room())
-        self.sketch = txn.sketch_writer({n: (torch.float32, (width, k)) for n, k in numels.items()})
+        specs = {n: (torch.float32, (width, k)) for n, k in sketch_order(numels).items()}
+        if isinstance(txn, Transaction):  # where the state outgrows the page cache, around it
+            self.sketch = txn.sketch_writer(specs, direct=bool(self.drop_replaced))
+        else:  # a cluster worker's part: its host's page cache is not the one measured here
+            self.sketch = txn.sketch_writer(specs)
         if self.make_anchor:
             adt = self.config.anchor_torch_dtype
             self.anchor_v = txn.anchor_writer(
@@ -476,9 +490,10 @@ class CheckpointPass:
         by chunk and takes the products and the anchors' dot products while the chunk is in the
         CPU's cache, an exact residual pass runs only if the products cancel, then pass 2 writes the
         new columns (and the new anchor's vectors) into their places. The next chunk of the state's
-        files is requested from the disk while the current one computes (:meth:`_prefetch`), and the
-        old basis leaves the page cache once pass 2 has read it where the state outgrows the page
-        cache (:meth:`SketchFile.release`, :mod:`relexd.engine.page_cache`)."""
+        files is requested from the disk while the current one computes (:meth:`_prefetch`). Where
+        the state outgrows the page cache (:mod:`relexd.engine.page_cache`), each chunk of the old
+        basis leaves it once pass 2 has read it (:meth:`SketchFile.release`) and the new columns are
+        written around it (``O_DIRECT``: :class:`PositionalSafetensorsWriter`)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
@@ -533,6 +548,8 @@ class CheckpointPass:
             stop()
             self._prefetch(name, nxt, anchors=False)
             q_new = upd.new_columns(self._old_columns(name, i, j, buf.old), x[i:j], buf.out)
+            if self.drop_replaced and self.old_sketch is not None:
+                self.old_sketch.release(name, i, j)  # read for the last time
             for c in range(width):
                 self.sketch.write(name, c * numel + i, q_new[c])
             if self.anchor_v is not None and self.anchor_x is not None:
@@ -545,8 +562,6 @@ class CheckpointPass:
                 xa32 = as_f32(xa)
                 a_xsq += float(torch.dot(xa32, xa32))
 
-        if self.drop_replaced and self.old_sketch is not None:
-            self.old_sketch.release(name)  # read for the last time: next it is overwritten or deleted
         drift = None
         vv_old, vv_new, v_cross = upd.direction_change()
         if vv_old > 0.0 and vv_new > 0.0:

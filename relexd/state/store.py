@@ -68,7 +68,7 @@ from safetensors.torch import load_file, save_file
 from relexd._closeable import Closeable
 from relexd.errors import StateError
 from relexd.io.atomic import fsync_dir, remove_tree, write_json_atomic
-from relexd.io.safetensors_file import PositionalSafetensorsWriter, SafetensorsFile
+from relexd.io.safetensors_file import DIRECT_ALIGN, PositionalSafetensorsWriter, SafetensorsFile
 from relexd.math.sketch import SmallState
 
 FORMAT_VERSION = 1
@@ -225,23 +225,34 @@ class SketchFile(Closeable):
         for c in range(width):
             file.prefetch(name, c * numel + start, c * numel + stop)
 
-    def release(self, name: str | None = None) -> None:
-        """Drop tensor ``name``'s basis (no name: every file in full) from the page cache once an
-        ingest has read it for the last time (:meth:`SafetensorsFile.release`).
+    def release(self, name: str | None = None, start: int = 0, stop: int | None = None) -> None:
+        """Drop elements ``[start, stop)`` of every basis vector of tensor ``name`` (default: all of
+        them; no name: every file in full) from the page cache once an ingest has read them for the
+        last time (:meth:`SafetensorsFile.release`).
 
         Why: after the commit this file is the spare, which the next generation overwrites without
         reading it, so its cached pages are dead. On a state larger than the page cache they take
         room from what the next ingest does read (the new sketch, the base, the anchors) and made
         nearly every one of those pages a miss (1.5B, bench/README.md); on a state that fits they
-        are better kept (:mod:`relexd.engine.page_cache` decides). Per tensor, as soon as its pass 2
-        is done, so that the room is there while the ingest runs; in full at the end for the pages
-        (large folios) that straddle two tensors.
+        are better kept (:mod:`relexd.engine.page_cache` decides). Chunk by chunk, as pass 2 reads
+        each for the last time, so that the room is there while the ingest runs and the pages freed
+        are the ones its next reads take at once (memory left free is not free everywhere: a VM that
+        hands it back to its host faults it in again, bench/README.md "most of that system time is
+        this VM's"); in full at the end for the pages (large folios) that straddle two chunks.
         """
         if name is None:
             for file in self._files.parts:
                 file.release()
-        else:
-            self._files.file(name).release(name)
+            return
+        file = self._files.file(name)
+        if not self.column_major:  # the earlier row-major layout: numel × width
+            numel, width = file.info(name).shape
+            file.release(name, start * width, None if stop is None else stop * width)
+            return
+        width, numel = file.info(name).shape
+        stop = numel if stop is None else stop
+        for c in range(width):
+            file.release(name, c * numel + start, c * numel + stop)
 
     def vectors(self, name: str) -> torch.Tensor:
         """The whole basis of tensor ``name`` (width × numel), owned by the caller."""
@@ -426,13 +437,16 @@ class Transaction:
         except OSError as exc:
             raise _write_error(self.path, exc) from exc
 
-    def sketch_writer(self, specs: TensorSpecs) -> PositionalSafetensorsWriter:
+    def sketch_writer(self, specs: TensorSpecs, *, direct: bool = False) -> PositionalSafetensorsWriter:
         """Writer of the column-major sketch; ``specs`` give each tensor's (width, numel) shape.
-        It overwrites the spare sketch file in place when there is one."""
+        It overwrites the spare sketch file in place when there is one; ``direct``: around the
+        page cache (:class:`PositionalSafetensorsWriter`)."""
         path = self.path / SKETCH_FILE
         reused = self.store.take_spare(path)
         try:
-            writer = PositionalSafetensorsWriter(path, specs, SKETCH_COLUMNS, in_place=reused)
+            writer = PositionalSafetensorsWriter(
+                path, specs, SKETCH_COLUMNS, in_place=reused, align=DIRECT_ALIGN, direct=direct
+            )
         except OSError as exc:
             raise _write_error(path, exc) from exc
         self._writers.append(writer)
@@ -516,7 +530,7 @@ class PartWriters(Closeable):
 
     def sketch_writer(self, specs: TensorSpecs) -> PositionalSafetensorsWriter:
         path = self.generation / part_file("sketch", self.attempt, self.index)
-        self._writers.append(_new_writer(path, specs, SKETCH_COLUMNS))
+        self._writers.append(_new_writer(path, specs, SKETCH_COLUMNS, align=DIRECT_ALIGN))
         return self._writers[-1]
 
     def anchor_writer(self, step: int, specs: TensorSpecs, kind: str) -> PositionalSafetensorsWriter:
@@ -541,10 +555,10 @@ class PartWriters(Closeable):
 
 
 def _new_writer(
-    path: Path, specs: TensorSpecs, metadata: Mapping[str, str] | None = None
+    path: Path, specs: TensorSpecs, metadata: Mapping[str, str] | None = None, *, align: int = 8
 ) -> PositionalSafetensorsWriter:
     try:
-        return PositionalSafetensorsWriter(path, specs, metadata)
+        return PositionalSafetensorsWriter(path, specs, metadata, align=align)
     except OSError as exc:
         raise _write_error(path, exc) from exc
 

@@ -15,6 +15,7 @@ from relexd.engine import Engine, EngineConfig
 from relexd.errors import CheckpointError
 from relexd.state.store import SKETCH_FILE, SPARE_DIR, read_snapshot
 from tests.engine.planted import Planted, write_hf_checkpoint
+from tests.io.page_cache import resident_pages
 
 STEPS = (10, 20, 30, 40, 50)
 
@@ -141,11 +142,13 @@ def test_a_crashed_generation_s_file_becomes_the_spare_at_open(
     load_file(_sketch(state))  # a valid file of the right size
 
 
-def test_sketch_prefetch_covers_the_range_in_every_basis_vector(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("hint", ["prefetch", "release"])
+def test_sketch_hints_cover_the_range_in_every_basis_vector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hint: str
 ) -> None:
-    """The column-major sketch keeps each basis vector contiguous: a chunk's read-ahead hint is
-    one range per vector, at the same element offsets a read of the chunk uses."""
+    """The column-major sketch keeps each basis vector contiguous: a chunk's read-ahead hint, and
+    the hint that drops it once read, are one range per vector, at the same element offsets a read
+    of the chunk uses."""
     import os
 
     from safetensors.torch import save_file
@@ -154,35 +157,16 @@ def test_sketch_prefetch_covers_the_range_in_every_basis_vector(
 
     path = tmp_path / "sketch.safetensors"
     save_file({"w": torch.arange(2 * 50, dtype=torch.float32).reshape(2, 50)}, str(path), SKETCH_COLUMNS)
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, int, int]] = []
     monkeypatch.setattr(
-        os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length))
+        os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice))
     )
+    advice = os.POSIX_FADV_WILLNEED if hint == "prefetch" else os.POSIX_FADV_DONTNEED
     with SketchFile(path) as sketch:
         start = sketch._files.file("w").info("w").start
-        sketch.prefetch("w", 10, 20)
-        assert calls == [(start + 40, 40), (start + 4 * 50 + 40, 40)]
+        getattr(sketch, hint)("w", 10, 20)
+        assert calls == [(start + 40, 40, advice), (start + 4 * 50 + 40, 40, advice)]
         assert torch.equal(sketch.columns("w", 10, 20), torch.arange(100.0).reshape(2, 50)[:, 10:20])
-
-
-def _resident(path: Path) -> list[bool]:
-    """Per page of ``path``: is it in the page cache (mincore(2) on a private mapping)."""
-    import ctypes
-    import mmap
-
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-    vec = (ctypes.c_ubyte * pages)()
-    with path.open("rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
-        anchor = ctypes.c_char.from_buffer(mapped)  # the mapping's address; touches no page
-        try:
-            if libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore on {path}")
-        finally:
-            del anchor
-    return [bool(b & 1) for b in vec]
 
 
 @pytest.mark.parametrize("fits", [False, True], ids=["outgrows", "fits"])
@@ -194,8 +178,9 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
     new sketch, the base and the anchors that the next ingest does read (bench/README.md, 1.5B).
     Each tensor's basis goes as soon as its pass 2 has read it — while the ingest runs, which is
     when the room is needed — and the rest (pages shared by two tensors) after the commit. Where
-    the state fits, it stays: overwriting cached pages is the spare's point. The new basis stays
-    cached either way."""
+    the state fits, it stays: overwriting cached pages is the spare's point. The new basis is
+    written around the page cache (O_DIRECT) where the state outgrows it, and stays cached where
+    it fits."""
     import mmap
     import os
 
@@ -220,7 +205,7 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    if any(_resident(probe)):
+    if any(resident_pages(probe)):
         pytest.skip(f"the file system of {tmp_path} keeps pages it is told to drop (tmpfs?)")
 
     margin = (2 << 20) // mmap.PAGESIZE  # a large folio straddling the tensor's ends may stay
@@ -231,7 +216,7 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
             with SafetensorsFile(sketch) as f:
                 info = f.info(big)
             first, last = info.start // mmap.PAGESIZE + margin, info.end // mmap.PAGESIZE - margin
-            seen.append(sum(_resident(sketch)[first:last]))
+            seen.append(sum(resident_pages(sketch)[first:last]))
 
     state = tmp_path / "state"
     with Engine(state, base, EngineConfig(), threads=2) as engine:
@@ -248,9 +233,16 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
                 assert report.replaced_sketch == ("kept" if fits else "dropped")
                 assert _spare(state).stat().st_ino == inode  # the replaced basis, now the spare
                 if fits:
-                    assert all(_resident(_spare(state))), "the spare left the page cache"
+                    assert all(resident_pages(_spare(state))), "the spare left the page cache"
                 else:
-                    assert not any(_resident(_spare(state))), "pages of the replaced basis still cached"
-            assert all(_resident(_sketch(state)))
+                    assert not any(resident_pages(_spare(state))), "pages of the replaced basis still cached"
+            written = _sketch(state)
+            if fits or step == 10:
+                assert all(resident_pages(written))
+            else:
+                with SafetensorsFile(written) as f:
+                    info = f.info(big)
+                pages = resident_pages(written)[info.start // mmap.PAGESIZE : info.end // mmap.PAGESIZE]
+                assert pages and not any(pages), "the new basis went through the page cache"
     if not fits:
         assert seen == [0, 0], "the big tensor's basis was still cached after its pass"
