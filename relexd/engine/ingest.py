@@ -399,10 +399,15 @@ class CheckpointPass:
         self.per_tensor: dict[str, dict[str, Any]] = {}
         self.new_anchor_tensors: dict[str, list[float]] = {}
         self.bytes_read = 0
-        #: the state outgrows the page cache: drop the replaced sketch's pages once read and write
-        #: the new one around it (decided by :meth:`open_writers`, where this process writes the
-        #: sketch; None: not decided here)
+        #: the state outgrows the page cache: drop the replaced sketch's pages once read (decided
+        #: by :meth:`open_writers`, where this process writes the sketch; None: not decided here)
         self.drop_replaced: bool | None = None
+        #: write the new sketch around the page cache: even with the replaced one dropped, what the
+        #: next ingest reads (the new sketch, the scored anchors, the base, a checkpoint) does not
+        #: fit, so cached pages of it would be evicted unread. Where it fits, the new sketch is
+        #: better cached: at 1.5B rank 1 direct writes made the next ingest read it from the disk
+        #: (6.3 GB) and took 6.96 s against 6.51 (bench/results/full/page-cache-1.5b-r1-direct.md)
+        self.write_direct = False
 
     def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:
         """Writers of the sketch (and new anchor) rows of ``names``: all tracked tensors into one
@@ -410,10 +415,14 @@ class CheckpointPass:
         numels = {n: self.base.reader.info(n).numel for n in names}
         width = self.config.width
         if self.old_sketch is not None:
-            self.drop_replaced = state_outgrows_page_cache(self._working_set(numels), page_cache_room())
+            room = page_cache_room()
+            self.drop_replaced = state_outgrows_page_cache(self._working_set(numels), room)
+            self.write_direct = self.drop_replaced and state_outgrows_page_cache(
+                self._working_set(numels, sketches=1), room
+            )
         specs = {n: (torch.float32, (width, k)) for n, k in sketch_order(numels).items()}
-        if isinstance(txn, Transaction):  # where the state outgrows the page cache, around it
-            self.sketch = txn.sketch_writer(specs, direct=bool(self.drop_replaced))
+        if isinstance(txn, Transaction):
+            self.sketch = txn.sketch_writer(specs, direct=self.write_direct)
         else:  # a cluster worker's part: its host's page cache is not the one measured here
             self.sketch = txn.sketch_writer(specs)
         if self.make_anchor:
@@ -425,17 +434,18 @@ class CheckpointPass:
                 self.step, {f"x/{n}": (adt, (k,)) for n, k in numels.items()}, "x"
             )
 
-    def _working_set(self, numels: dict[str, int]) -> int:
+    def _working_set(self, numels: dict[str, int], sketches: int = 2) -> int:
         """Bytes of these tensors that this ingest reads or writes and the next one reads again
-        (two sketches, the base, the scored anchors), plus the checkpoint's."""
+        (two sketches, the base, the scored anchors), plus the checkpoint's; with ``sketches=1``,
+        what is left once the replaced sketch is dropped (what the next ingest reads)."""
         count = sum(numels.values())
-        sketches = 2 * 4 * self.config.width * count
+        sketch_bytes = sketches * 4 * self.config.width * count
         anchors = len(self.anchor_files) * 2 * count * self.config.anchor_torch_dtype.itemsize
         stored = sum(
             k * (self.base.reader.info(n).dtype.itemsize + self.ckpt.info(n).dtype.itemsize)
             for n, k in numels.items()
         )
-        return sketches + anchors + stored
+        return sketch_bytes + anchors + stored
 
     def release_old_sketch(self) -> None:
         """Drop what is left of the replaced sketch from the page cache once the new generation is
@@ -492,8 +502,9 @@ class CheckpointPass:
         new columns (and the new anchor's vectors) into their places. The next chunk of the state's
         files is requested from the disk while the current one computes (:meth:`_prefetch`). Where
         the state outgrows the page cache (:mod:`relexd.engine.page_cache`), each chunk of the old
-        basis leaves it once pass 2 has read it (:meth:`SketchFile.release`) and the new columns are
-        written around it (``O_DIRECT``: :class:`PositionalSafetensorsWriter`)."""
+        basis leaves it once pass 2 has read it (:meth:`SketchFile.release`), and where even the
+        rest outgrows it the new columns are written around it (``O_DIRECT``:
+        :attr:`write_direct`)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)

@@ -169,9 +169,9 @@ def test_sketch_hints_cover_the_range_in_every_basis_vector(
         assert torch.equal(sketch.columns("w", 10, 20), torch.arange(100.0).reshape(2, 50)[:, 10:20])
 
 
-@pytest.mark.parametrize("fits", [False, True], ids=["outgrows", "fits"])
+@pytest.mark.parametrize("fits", [False, "rest", True], ids=["outgrows", "rest-fits", "fits"])
 def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fits: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fits: bool | str
 ) -> None:
     """Where the state outgrows the page cache, the basis an ingest replaces leaves it: it becomes
     the spare, which the next generation overwrites without reading, and its pages would evict the
@@ -179,15 +179,27 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
     Each tensor's basis goes as soon as its pass 2 has read it — while the ingest runs, which is
     when the room is needed — and the rest (pages shared by two tensors) after the commit. Where
     the state fits, it stays: overwriting cached pages is the spare's point. The new basis is
-    written around the page cache (O_DIRECT) where the state outgrows it, and stays cached where
-    it fits."""
+    written around the page cache (O_DIRECT) where even the state without the replaced basis
+    outgrows it, and stays cached where that fits ("rest-fits") — the next ingest reads it."""
     import mmap
     import os
 
     from relexd.engine import ingest as ingest_module
     from relexd.io.safetensors_file import SafetensorsFile
 
-    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1 << 50 if fits else 1 << 20)
+    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1 << 50 if fits is True else 1 << 20)
+    if fits == "rest":  # room for the state less the replaced basis: the two-sketch set is larger
+        one_sketch = ingest_module.CheckpointPass._working_set
+        monkeypatch.setattr(
+            ingest_module, "state_outgrows_page_cache", lambda working_set, room: working_set > limit[0]
+        )
+        limit = [0]
+
+        def working_set(self: ingest_module.CheckpointPass, numels: dict[str, int], sketches: int = 2) -> int:
+            limit[0] = one_sketch(self, numels, 1)
+            return one_sketch(self, numels, sketches)
+
+        monkeypatch.setattr(ingest_module.CheckpointPass, "_working_set", working_set)
 
     big = "model.embed_tokens.weight"
     shapes = {
@@ -230,19 +242,19 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
                 report = engine.ingest(
                     checkpoint, step, on_tensor=lambda n, k, old=old: interior_cached(old, n, k)
                 )
-                assert report.replaced_sketch == ("kept" if fits else "dropped")
+                assert report.replaced_sketch == ("kept" if fits is True else "dropped")
                 assert _spare(state).stat().st_ino == inode  # the replaced basis, now the spare
-                if fits:
+                if fits is True:
                     assert all(resident_pages(_spare(state))), "the spare left the page cache"
                 else:
                     assert not any(resident_pages(_spare(state))), "pages of the replaced basis still cached"
             written = _sketch(state)
-            if fits or step == 10:
+            if fits or step == 10:  # "rest": not written around the page cache
                 assert all(resident_pages(written))
             else:
                 with SafetensorsFile(written) as f:
                     info = f.info(big)
                 pages = resident_pages(written)[info.start // mmap.PAGESIZE : info.end // mmap.PAGESIZE]
                 assert pages and not any(pages), "the new basis went through the page cache"
-    if not fits:
+    if fits is not True:
         assert seen == [0, 0], "the big tensor's basis was still cached after its pass"
