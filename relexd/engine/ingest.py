@@ -423,7 +423,7 @@ class CheckpointPass:
         specs = {n: (torch.float32, (width, k)) for n, k in sketch_order(numels).items()}
         if isinstance(txn, Transaction):
             self.sketch = txn.sketch_writer(specs, direct=self.write_direct)
-        else:  # a cluster worker's part: its host's page cache is not the one measured here
+        else:  # a cluster worker's part: direct writes are not measured there, so plain writes
             self.sketch = txn.sketch_writer(specs)
         if self.make_anchor:
             adt = self.config.anchor_torch_dtype

@@ -460,8 +460,12 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, align: int = DIREC
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
-def _as_bytes(chunk: torch.Tensor) -> memoryview:
-    flat = chunk.detach().to("cpu").contiguous().reshape(-1)
+def _flat(chunk: torch.Tensor) -> torch.Tensor:
+    """``chunk`` as one contiguous run of elements in CPU memory (itself, when it is one)."""
+    return chunk.detach().to("cpu").contiguous().reshape(-1)
+
+
+def _as_bytes(flat: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
@@ -512,7 +516,7 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"{self.path}: expected data of {expected!r}, got {name!r}")
         if chunk.dtype != dtype:
             raise ValueError(f"{self.path}: tensor {name!r} is {dtype}, got a {chunk.dtype} chunk")
-        data = _as_bytes(chunk)
+        data = _as_bytes(_flat(chunk))
         nbytes = data.nbytes
         if nbytes > left:
             raise ValueError(
@@ -668,8 +672,8 @@ class PositionalSafetensorsWriter:
             raise ValueError(f"{self.path}: no tensor {name!r} in this file") from None
         if chunk.dtype != dtype:
             raise ValueError(f"{self.path}: tensor {name!r} is {dtype}, got a {chunk.dtype} chunk")
-        flat = chunk.detach().to("cpu").contiguous().reshape(-1)
-        data = memoryview(flat.view(torch.uint8).numpy())
+        flat = _flat(chunk)
+        data = _as_bytes(flat)
         begin = start * dtype.itemsize
         if start < 0 or begin + data.nbytes > nbytes:
             raise ValueError(f"{self.path}: chunk at element {start} overruns tensor {name!r}")

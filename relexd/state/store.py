@@ -207,13 +207,26 @@ class SketchFile(Closeable):
             width = shape[1]  # the earlier row-major layout: numel × width, read once per old state
             rows = file.read_range(name, start * width, stop * width).reshape(n, width)
             return rows.T.contiguous()  # products on strided rows measured 50× less accurate
-        width, numel = shape
-        width = width if count is None else min(count, width)
+        width = shape[0] if count is None else min(count, shape[0])
         if out is None:
             out = torch.empty(width, n, dtype=torch.float32)
-        for c in range(width):
-            file.read_range(name, c * numel + start, c * numel + stop, out[c, :n])  # in place
+        for c, (first, last) in enumerate(self._ranges(file, name, start, stop)[:width]):
+            file.read_range(name, first, last, out[c, :n])  # in place
         return out[:width, :n]
+
+    def _ranges(
+        self, file: SafetensorsFile, name: str, start: int, stop: int | None
+    ) -> list[tuple[int, int]]:
+        """Where elements ``[start, stop)`` (stop None: to the end) of tensor ``name``'s basis
+        vectors lie in its flattened tensor: one range per vector, or one range in the earlier
+        row-major layout (numel × width)."""
+        shape = file.info(name).shape
+        if not self.column_major:
+            numel, width = shape
+            return [(start * width, (numel if stop is None else stop) * width)]
+        width, numel = shape
+        stop = numel if stop is None else stop
+        return [(c * numel + start, c * numel + stop) for c in range(width)]
 
     def prefetch(self, name: str, start: int, stop: int) -> None:
         """Start reading elements ``[start, stop)`` of every basis vector of ``name`` into the
@@ -221,9 +234,8 @@ class SketchFile(Closeable):
         if not self.column_major:
             return  # the old row-major layout is read once per state and rewritten
         file = self._files.file(name)
-        width, numel = file.info(name).shape
-        for c in range(width):
-            file.prefetch(name, c * numel + start, c * numel + stop)
+        for first, last in self._ranges(file, name, start, stop):
+            file.prefetch(name, first, last)
 
     def release(self, name: str | None = None, start: int = 0, stop: int | None = None) -> None:
         """Drop elements ``[start, stop)`` of every basis vector of tensor ``name`` (default: all of
@@ -245,14 +257,8 @@ class SketchFile(Closeable):
                 file.release()
             return
         file = self._files.file(name)
-        if not self.column_major:  # the earlier row-major layout: numel × width
-            numel, width = file.info(name).shape
-            file.release(name, start * width, None if stop is None else stop * width)
-            return
-        width, numel = file.info(name).shape
-        stop = numel if stop is None else stop
-        for c in range(width):
-            file.release(name, c * numel + start, c * numel + stop)
+        for first, last in self._ranges(file, name, start, stop):
+            file.release(name, first, last)
 
     def vectors(self, name: str) -> torch.Tensor:
         """The whole basis of tensor ``name`` (width × numel), owned by the caller."""
