@@ -19,10 +19,20 @@ ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"RAY_AUTH_MODE": "token"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ports `ray start` reserves for its other components unless told otherwise (ray_constants:
+# dashboard 8265, dashboard agent 52365, client server 10001, workers 10002-19999). An ephemeral
+# port the kernel hands out may be one of them (52365 was, in a CI run: "port number 52365 that is
+# used by other components"), so the head's port is drawn until it is none of them.
+RAY_RESERVED = {8265, 52365, *range(10001, 20000)}
+
+
+def _free_port(avoid: set[int] = RAY_RESERVED) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 @contextmanager
