@@ -628,6 +628,7 @@ class WatchService:
             observed=len(engine.steps),
             pinned=waiting.pin is not None,
             **({"replaced_sketch": report.replaced_sketch} if report.replaced_sketch else {}),
+            **({"new_sketch": report.new_sketch} if report.new_sketch else {}),
             **{k: v for k, v in report.figures.items() if v is not None},
         )
         return Outcome.INGESTED

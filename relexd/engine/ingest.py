@@ -96,6 +96,10 @@ class IngestReport:
     #: what became of the replaced sketch's pages (:mod:`relexd.engine.page_cache`): "dropped" (the
     #: state outgrows the page cache), "kept", or None (no sketch replaced, or cluster workers decided)
     replaced_sketch: str | None = None
+    #: how the new sketch reached the disk: "direct" (its aligned chunks around the page cache: even
+    #: the state without the replaced sketch outgrows it), "cached" (through the page cache), or
+    #: None (cluster workers wrote it)
+    new_sketch: str | None = None
 
 
 Span = tuple[int, int]
@@ -323,8 +327,9 @@ def ingest(
     seconds = time.monotonic() - started
     replaced = None if work.drop_replaced is None else ("dropped" if work.drop_replaced else "kept")
     return IngestReport(
-        step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"], replaced
-    )
+        step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"], replaced,
+        work.new_sketch_path(),
+    )  # fmt: skip
 
 
 @dataclass
@@ -446,6 +451,13 @@ class CheckpointPass:
             for n, k in numels.items()
         )
         return sketch_bytes + anchors + stored
+
+    def new_sketch_path(self) -> str | None:
+        """ "direct" if chunks of the new sketch went around the page cache, "cached" if it was all
+        written through it, None where cluster workers wrote it (:class:`IngestReport`)."""
+        if self.sketch is None:
+            return None
+        return "direct" if self.sketch.wrote_direct else "cached"
 
     def release_old_sketch(self) -> None:
         """Drop what is left of the replaced sketch from the page cache once the new generation is

@@ -611,6 +611,8 @@ class PositionalSafetensorsWriter:
         self.path = Path(path)
         self._direct_fd: int | None = None
         self._direct_refused = False
+        #: some chunk went around the page cache (a flag, not a byte count: set from many threads)
+        self.wrote_direct = False
         header, self._layout = _encode_header(specs, metadata, align)
         self._left = {name: nbytes for name, (_, _, nbytes) in self._layout.items()}
         self._lock = threading.Lock()
@@ -653,6 +655,8 @@ class PositionalSafetensorsWriter:
         while done < data.nbytes:
             try:
                 done += os.pwrite(fd, data[done:], offset + done)
+                if fd != self._fd:
+                    self.wrote_direct = True
             except OSError as exc:
                 if fd == self._fd or exc.errno != errno.EINVAL:
                     raise

@@ -86,6 +86,7 @@ def test_watch_empty_dir_while_trainer_writes(
         assert [r["step"] for r in ingested] == STEPS and all(r["path"] for r in ingested)
         # the log says what became of each replaced sketch's pages; a tiny state fits in RAM
         assert [r.get("replaced_sketch") for r in ingested] == [None] + ["kept"] * (len(STEPS) - 1)
+        assert [r.get("new_sketch") for r in ingested] == ["cached"] * len(STEPS)
         assert not [r for r in logs if r.get("level") in ("error", "critical")]
 
         status = subprocess.run(

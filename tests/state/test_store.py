@@ -243,6 +243,7 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
                     checkpoint, step, on_tensor=lambda n, k, old=old: interior_cached(old, n, k)
                 )
                 assert report.replaced_sketch == ("kept" if fits is True else "dropped")
+                assert report.new_sketch == ("cached" if fits else "direct")
                 assert _spare(state).stat().st_ino == inode  # the replaced basis, now the spare
                 if fits is True:
                     assert all(resident_pages(_spare(state))), "the spare left the page cache"
