@@ -272,19 +272,38 @@ def run(
             "largest_f32": largest_f32}  # fmt: skip
 
 
-def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
-    """Per configuration: steady-state (checkpoint ≥ 2, not an anchor) means and ratios."""
-    steady = [r for r in result["records"] if r["n"] >= 2 and not r["anchor"]]
+def _steady_by_config(result: dict[str, Any]) -> dict[Config, list[dict[str, Any]]]:
+    """The steady checkpoints' records (checkpoint ≥ 2, not an anchor) per configuration."""
     by_config: dict[Config, list[dict[str, Any]]] = {}
-    for r in steady:
-        by_config.setdefault(r["config"], []).append(r)
-    mean = {c: sum(r["ingest_s"] for r in rs) / len(rs) for c, rs in by_config.items()}
+    for r in result["records"]:
+        if r["n"] >= 2 and not r["anchor"]:
+            by_config.setdefault(r["config"], []).append(r)
+    return by_config
+
+
+def _steady_means(result: dict[str, Any]) -> dict[Config, float]:
+    return {c: sum(r["ingest_s"] for r in rs) / len(rs) for c, rs in _steady_by_config(result).items()}
+
+
+def summary_rows(result: dict[str, Any], siblings: Sequence[dict[str, Any]] = ()) -> list[list[Any]]:
+    """Per configuration: steady-state (checkpoint ≥ 2, not an anchor) means and ratios.
+
+    A configuration compared against (the engine before, one thread, no spare) is looked up in this
+    run first, then in ``siblings`` of the same model and rank: runs of the same seeded checkpoints
+    that kept their states apart (the 1.5B engines, whose states do not fit the disk together)."""
+    by_config = _steady_by_config(result)
+    mean = _steady_means(result)
+    elsewhere: dict[Config, float] = {}
+    for other in siblings:
+        if other is not result and (other["model"], other["rank"]) == (result["model"], result["rank"]):
+            elsewhere |= _steady_means(other)
 
     def mean_of(like: Config, **changes: Any) -> float | None:
-        """The mean of the configuration ``like`` with ``changes`` (None: not in this run)."""
+        """The mean of the configuration ``like`` with ``changes`` (None: not measured)."""
         if changes.get("engine") == "before":
             changes.setdefault("spare", True)
-        return mean.get(replace(like, **changes))
+        wanted = replace(like, **changes)
+        return mean.get(wanted, elsewhere.get(wanted))
 
     out = []
     for config, rs in by_config.items():
@@ -328,7 +347,7 @@ SUMMARY = [
 def report(results: list[dict[str, Any]]) -> str:
     """Markdown: the per-checkpoint table, then the steady-state summary per configuration."""
     rows = [r for res in results for r in res["rows"]]
-    summary = [r for res in results for r in summary_rows(res)]
+    summary = [r for res in results for r in summary_rows(res, results)]
     return (
         markdown_table(HEADERS, rows)
         + "\n\nSteady state (checkpoints ≥ 2 that are not anchors):\n\n"

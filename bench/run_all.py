@@ -61,6 +61,10 @@ def run_ingest_and_preview(
                 # spare and an anchor is ~31 GB, and every further configuration adds one
                 most = ingest.default_configs(cores[-1:], before=False, busy=False)
                 plan += [(QWEN25_15B, DEFAULT_RANK, 3, most), (QWEN25_15B, 1, 3, most)]
+                # the engine before issue 12 on the same 1.5B checkpoints (the trajectory is
+                # seeded), each in a run of its own so that its state and today's never share the disk
+                before = [ingest.Config("before", 1)]
+                plan += [(QWEN25_15B, DEFAULT_RANK, 3, before), (QWEN25_15B, 1, 3, before)]
         first, *rest = plan
         results = [ingest.run(*first, keep_state=tmp / "kept")]
         if do_preview:
@@ -76,7 +80,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and few steps (minutes)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
-    p.add_argument("--large", action="store_true", help="also ingest 1.5B-shaped checkpoints (+~30 min)")
+    p.add_argument(
+        "--large", action="store_true", help="also 1.5B shapes: today's engine and the one before (+~35 min)"
+    )
     args = p.parse_args()
     mode = "quick" if args.quick else "full"
     outdir = RESULTS / mode
