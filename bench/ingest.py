@@ -10,8 +10,11 @@ tests/engine/test_workers.py):
 2. the **write floor**: writing and fsync'ing a new file the size of the new sketch, right after
    (1) — and, for comparison (not part of the floor), rewriting that file in place, which is what
    today's engine does with its spare sketch (:mod:`relexd.state.store`);
-3. the ingest, in a fresh subprocess (its VmHWM is the peak RSS), ``Engine(…, threads=N)`` exactly
-   as ``relexd extrapolate``/``relexd watch`` build it.
+3. the ingest, in a subprocess per configuration that lives from the first checkpoint to the last
+   (its VmHWM is the peak RSS), ``Engine(…, threads=N)`` opened once, exactly as ``relexd
+   extrapolate``/``relexd watch`` hold it: what a process keeps between checkpoints (its tasks'
+   buffers: :mod:`relexd.engine.buffers`) counts as it does for a user. Until 3 Dec each ingest ran
+   in a fresh process, which faulted in every buffer anew.
 
 floor = max(read floor, write floor) — issue 12's definition. Anchor checkpoints (the 2nd, 4th, 8th …
 ingested) also write two bf16 anchor vectors per tensor, which the floor does not count; they are
@@ -36,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -53,30 +57,95 @@ REPO = Path(__file__).resolve().parents[1]
 #: the engine before issue 12 (one thread, row-major sketch, three passes, pread everywhere)
 BEFORE_REV = "95ab9ab"
 
-#: the subprocess: open the engine, ingest one checkpoint, report seconds and peak RSS. The same
-#: code runs today's engine and the "before" worktree's (PYTHONPATH chooses which).
+#: the subprocess: open the engine once, then ingest each checkpoint named on stdin (a JSON
+#: [checkpoint, step] per line) and answer a JSON line with its seconds, the process's peak RSS so
+#: far, and what reached the storage and the CPU time during that ingest. The same code runs
+#: today's engine and the "before" worktree's (PYTHONPATH chooses which).
 CHILD = """
-import json, sys, time
+import json, resource, sys
 from pathlib import Path
 from relexd.engine import Engine, EngineConfig
-state, base, ckpt, step, estimator, rank, threads, spare = sys.argv[1:9]
+state, base, estimator, rank, threads, spare = sys.argv[1:7]
 config = EngineConfig(estimator=estimator, rank=int(rank))
 kw = {} if spare == "default" else {"spare_sketch": spare == "yes"}
+
+def counters():
+    # what reached the storage (Linux task I/O accounting): the page cache's share of the reads
+    # shows; CPU time: page-cache work shows as system time
+    io = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"disk_read": int(io["read_bytes"]), "disk_write": int(io["write_bytes"]),
+            "cpu_user": usage.ru_utime, "cpu_sys": usage.ru_stime}
+
 engine = Engine(Path(state), Path(base), config, threads=int(threads), **kw)
 try:
-    report = engine.ingest(Path(ckpt), int(step))
+    for line in sys.stdin:
+        ckpt, step = json.loads(line)
+        before = counters()
+        report = engine.ingest(Path(ckpt), int(step))
+        after = counters()
+        hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        out = {k: after[k] - before[k] for k in after} | {"ingest_s": report.seconds, "vm_hwm": hwm}
+        print(json.dumps(out), flush=True)
 finally:
     engine.close()
-hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-# what reached the storage (Linux task I/O accounting): the page cache's share of the reads shows
-io = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
-# CPU time of the whole child (start-up included): page-cache work shows as system time
-import resource
-usage = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"ingest_s": report.seconds, "vm_hwm": hwm, "disk_read": int(io["read_bytes"]),
-                  "disk_write": int(io["write_bytes"]), "cpu_user": usage.ru_utime,
-                  "cpu_sys": usage.ru_stime}))
 """
+
+
+class EngineChild:
+    """One configuration's engine in a subprocess of its own, open from the first ingest to
+    :meth:`close` (or the ``with`` block's end)."""
+
+    def __init__(self, config: Config, tree: Path | None, state: Path, base: Path, rank: int) -> None:
+        self.config = config
+        code = tree if config.engine == "before" and tree is not None else REPO
+        # `python -c` puts the working directory first on sys.path, before PYTHONPATH: run it from
+        # the tree whose engine it must import (run from this repository, "before" imported today's)
+        env = dict(os.environ, PYTHONPATH=str(code))
+        cmd = [sys.executable, "-c", CHILD, str(state), str(base), "brand", str(rank), str(config.threads)]
+        # a file, not a pipe: it can never fill and block the child; closed in close()
+        self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [*cmd, config.spare_arg],
+            env=env,
+            cwd=code,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            preexec_fn=(lambda: os.nice(10)) if config.busy else None,
+        )
+
+    def ingest(self, ckpt: Path, step: int) -> dict[str, Any]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        with busy_core(self.config.busy):
+            try:
+                self._proc.stdin.write(json.dumps([str(ckpt), step]) + "\n")
+                self._proc.stdin.flush()
+            except BrokenPipeError:
+                pass  # it died: said below
+            line = self._proc.stdout.readline()
+        if not line:
+            self._proc.wait()
+            self._stderr.seek(0)
+            raise RuntimeError(
+                f"{self.config.label} engine, {self.config.threads} thread(s), step {step}: "
+                f"exit {self._proc.returncode}\n" + self._stderr.read()[-4000:]
+            )
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        self._proc.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> EngineChild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 HEADERS = [
     "model",
@@ -180,28 +249,9 @@ def busy_core(on: bool) -> Iterator[None]:
 def ingest_child(
     config: Config, tree: Path | None, state: Path, base: Path, ckpt: Path, step: int, rank: int
 ) -> dict[str, Any]:
-    code = tree if config.engine == "before" and tree is not None else REPO
-    # `python -c` puts the working directory first on sys.path, before PYTHONPATH: run it from the
-    # tree whose engine it must import (run from this repository, "before" imported today's engine)
-    env = dict(os.environ, PYTHONPATH=str(code))
-    cmd = [sys.executable, "-c", CHILD, str(state), str(base), str(ckpt), str(step), "brand", str(rank)]
-    cmd += [str(config.threads), config.spare_arg]
-    with busy_core(config.busy):
-        done = subprocess.run(
-            cmd,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=code,
-            preexec_fn=(lambda: os.nice(10)) if config.busy else None,
-        )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"{config.label} engine, {config.threads} thread(s), step {step}: exit {done.returncode}\n"
-            + done.stderr[-4000:]
-        )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One ingest in a process of its own (the paired benchmarks, which copy a state per trial)."""
+    with EngineChild(config, tree, state, base, rank) as child:
+        return child.ingest(ckpt, step)
 
 
 def run(
@@ -228,41 +278,45 @@ def run(
     ):
         base = traj.write_base(tmp / "base")
         states = {c: tmp / f"state-{c.engine}-{c.threads}-{int(c.busy)}-{int(c.spare)}" for c in configs}
-        for n, step in enumerate(steps_irregular(checkpoints), start=1):
-            ckpt = traj.write_checkpoint(base, tmp / f"checkpoint-{step}", step)
-            anchor = is_anchor_count(n)
-            for config in configs:
-                state = states[config]
-                sketch = current_sketch(state)
-                files = [
-                    ckpt / "model.safetensors",
-                    base / "model.safetensors",
-                    *([sketch] if sketch else []),
-                ]
-                _, read_s = plain_read(files)
-                write_s, in_place_s = write_floor(sketch_bytes, tmp)
-                rec = ingest_child(config, tree, state, base, ckpt, step, rank)
-                floor = max(read_s, write_s)
-                record = {
-                    "config": config,
-                    "n": n,
-                    "anchor": anchor,
-                    "ingest_s": rec["ingest_s"],
-                    "floor_s": floor,
-                    "in_place_floor_s": max(read_s, in_place_s),
-                    "vm_hwm": rec["vm_hwm"],
-                }
-                records.append(record)
-                rows.append(
-                    [
-                        shape.name, rank, config.label, config.threads, n, "yes" if anchor else "",
-                        rec["ingest_s"], read_s, write_s, in_place_s, rec["ingest_s"] / floor,
-                        rec["disk_read"] / GB, rec["disk_write"] / GB,
-                        rec["vm_hwm"] / MB, rec["vm_hwm"] / largest_f32,
+        with contextlib.ExitStack() as children:
+            engines = {
+                c: children.enter_context(EngineChild(c, tree, states[c], base, rank)) for c in configs
+            }
+            for n, step in enumerate(steps_irregular(checkpoints), start=1):
+                ckpt = traj.write_checkpoint(base, tmp / f"checkpoint-{step}", step)
+                anchor = is_anchor_count(n)
+                for config in configs:
+                    state = states[config]
+                    sketch = current_sketch(state)
+                    files = [
+                        ckpt / "model.safetensors",
+                        base / "model.safetensors",
+                        *([sketch] if sketch else []),
                     ]
-                )  # fmt: skip
-                print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
-            shutil.rmtree(ckpt)
+                    _, read_s = plain_read(files)
+                    write_s, in_place_s = write_floor(sketch_bytes, tmp)
+                    rec = engines[config].ingest(ckpt, step)
+                    floor = max(read_s, write_s)
+                    record = {
+                        "config": config,
+                        "n": n,
+                        "anchor": anchor,
+                        "ingest_s": rec["ingest_s"],
+                        "floor_s": floor,
+                        "in_place_floor_s": max(read_s, in_place_s),
+                        "vm_hwm": rec["vm_hwm"],
+                    }
+                    records.append(record)
+                    rows.append(
+                        [
+                            shape.name, rank, config.label, config.threads, n, "yes" if anchor else "",
+                            rec["ingest_s"], read_s, write_s, in_place_s, rec["ingest_s"] / floor,
+                            rec["disk_read"] / GB, rec["disk_write"] / GB,
+                            rec["vm_hwm"] / MB, rec["vm_hwm"] / largest_f32,
+                        ]
+                    )  # fmt: skip
+                    print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+                shutil.rmtree(ckpt)
         if keep_state is not None:
             first_now = next(c for c in configs if c.engine == "now")
             keep_state.mkdir(parents=True, exist_ok=True)
