@@ -7,12 +7,15 @@ ingests before it left, so what an engine does to the page cache shows from its 
 row on. bench.paired times one ingest from a copy of a state, and bench.ingest reads and writes
 the state's size for its floors right before each ingest; neither can see it. Here the first
 ingest of each block inherits the other engine's page cache: it is listed, and kept out of the
-medians, as are anchor checkpoints (they also write an anchor).
+medians, as are anchor checkpoints (they also write an anchor). Each block's ingests run in one
+process, as ``relexd watch`` holds its engine (since 3 Dec; a fresh process per ingest before),
+so what an engine keeps between checkpoints shows too; the first of a block also makes the
+process's buffers.
 
 Per ingest: seconds, what reached the storage (the child's ``/proc/self/io``: read and write GB),
-and the child's CPU time, user and system (moving pages in and out of the page cache is system
-time). The state is built with today's engine from four checkpoints; both engines read and write
-the same state format.
+and the child's CPU time during the ingest, user and system (moving pages in and out of the page
+cache is system time). The state is built with today's engine from four checkpoints; both engines
+read and write the same state format.
 
 Run alone: ``python -m bench.page_cache [--model 1.5b] [--rank 2] [--blocks 4] [--block-size 4]
 [--before REV]``.
@@ -28,7 +31,7 @@ from typing import Any
 
 from bench.common import GB, markdown_table
 from bench.common import scratch_dir as scratch
-from bench.ingest import MODELS, Config, before_tree, ingest_child
+from bench.ingest import MODELS, Config, EngineChild, before_tree
 from bench.synthetic import ModelShape, Trajectory
 from relexd.engine import Engine, EngineConfig
 from relexd.engine.config import DEFAULT_RANK, available_cores
@@ -55,30 +58,32 @@ def run(shape: ModelShape, rank: int, blocks: int, block_size: int, before: str)
         observed = BUILD_CHECKPOINTS
         for block in range(blocks):
             config = Config(("before", "now")[block % 2], available_cores())
-            for n in range(block_size):
-                step, observed = next(steps), observed + 1
-                ckpt = traj.write_checkpoint(base, ckpt_dir, step)  # the trainer's fresh checkpoint
-                rec = ingest_child(config, tree, state, base, ckpt, step, rank)
-                shutil.rmtree(ckpt_dir)
-                row = {
-                    "block": block + 1,
-                    "engine": config.engine,
-                    "step": step,
-                    "first": n == 0,
-                    "anchor": is_anchor_count(observed),
-                    "seconds": rec["ingest_s"],
-                    "read_gb": rec["disk_read"] / GB,
-                    "write_gb": rec["disk_write"] / GB,
-                    "user_s": rec["cpu_user"],
-                    "sys_s": rec["cpu_sys"],
-                }
-                records.append(row)
-                print(
-                    f"block {row['block']} {row['engine']} step {step}: {row['seconds']:.1f} s, read "
-                    f"{row['read_gb']:.1f} GB, wrote {row['write_gb']:.1f} GB, user {row['user_s']:.1f} s, "
-                    f"sys {row['sys_s']:.1f} s" + (" (first of block)" if n == 0 else ""),
-                    flush=True,
-                )
+            with EngineChild(config, tree, state, base, rank) as child:
+                for n in range(block_size):
+                    step, observed = next(steps), observed + 1
+                    ckpt = traj.write_checkpoint(base, ckpt_dir, step)  # the trainer's fresh checkpoint
+                    rec = child.ingest(ckpt, step)
+                    shutil.rmtree(ckpt_dir)
+                    row = {
+                        "block": block + 1,
+                        "engine": config.engine,
+                        "step": step,
+                        "first": n == 0,
+                        "anchor": is_anchor_count(observed),
+                        "seconds": rec["ingest_s"],
+                        "read_gb": rec["disk_read"] / GB,
+                        "write_gb": rec["disk_write"] / GB,
+                        "user_s": rec["cpu_user"],
+                        "sys_s": rec["cpu_sys"],
+                    }
+                    records.append(row)
+                    print(
+                        f"block {row['block']} {row['engine']} step {step}: {row['seconds']:.1f} s, "
+                        f"read {row['read_gb']:.1f} GB, wrote {row['write_gb']:.1f} GB, "
+                        f"user {row['user_s']:.1f} s, sys {row['sys_s']:.1f} s"
+                        + (" (first of block)" if n == 0 else ""),
+                        flush=True,
+                    )
     return {"model": shape.name, "rank": rank, "before": before, "records": records}
 
 
