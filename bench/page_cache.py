@@ -18,7 +18,7 @@ cache is system time). The state is built with today's engine from four checkpoi
 read and write the same state format.
 
 Run alone: ``python -m bench.page_cache [--model 1.5b] [--rank 2] [--blocks 4] [--block-size 4]
-[--before REV]``.
+[--before REV] [--idle SECONDS]``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import itertools
 import shutil
 import statistics
+import time
 from typing import Any
 
 from bench.common import GB, markdown_table
@@ -42,8 +43,12 @@ BEFORE_REV = "fe78613"
 BUILD_CHECKPOINTS = 4
 
 
-def run(shape: ModelShape, rank: int, blocks: int, block_size: int, before: str) -> dict[str, Any]:
-    """``blocks`` blocks of ``block_size`` ingests, "before" first, then alternating."""
+def run(
+    shape: ModelShape, rank: int, blocks: int, block_size: int, before: str, idle: float = 0.0
+) -> dict[str, Any]:
+    """``blocks`` blocks of ``block_size`` ingests, "before" first, then alternating; ``idle``
+    seconds between a checkpoint's arrival and its ingest (a trainer's cadence: the engine's process
+    sits idle that long, and memory it freed may meanwhile go back to the host)."""
     traj = Trajectory(shape)
     steps = itertools.count(10, 10)
     records: list[dict[str, Any]] = []
@@ -62,6 +67,7 @@ def run(shape: ModelShape, rank: int, blocks: int, block_size: int, before: str)
                 for n in range(block_size):
                     step, observed = next(steps), observed + 1
                     ckpt = traj.write_checkpoint(base, ckpt_dir, step)  # the trainer's fresh checkpoint
+                    time.sleep(idle)
                     rec = child.ingest(ckpt, step)
                     shutil.rmtree(ckpt_dir)
                     row = {
@@ -132,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blocks", type=int, default=4, help="blocks of ingests, engines alternating")
     p.add_argument("--block-size", type=int, default=4, help="ingests per block (the first is a transition)")
     p.add_argument("--before", default=BEFORE_REV, help="the earlier engine's git revision")
+    p.add_argument("--idle", type=float, default=0.0, help="seconds between a checkpoint and its ingest")
     a = p.parse_args(argv)
-    print(report(run(MODELS[a.model], a.rank, a.blocks, a.block_size, a.before)))
+    print(report(run(MODELS[a.model], a.rank, a.blocks, a.block_size, a.before, a.idle)))
 
 
 if __name__ == "__main__":
