@@ -79,10 +79,7 @@ class EngineConfig:
 
 #: the help of the two engine options that change speed and memory, never results (both CLIs)
 THREADS_HELP = "Ingest worker threads, one tensor each on one core (default: every core it may use)."
-BUDGET_HELP = (
-    "Memory the tensors in flight, and the buffers kept for the next checkpoint, may hold, e.g. 8G "
-    "(default: the largest tensor's share per --threads worker)."
-)
+BUDGET_HELP = "Memory the tensors in flight may hold, e.g. 8G (default: no cap beyond --threads)."
 SPARE_HELP = (
     "Keep the replaced sketch file and overwrite it with the next one (faster ingest; the state at "
     "rest holds one sketch more). --no-spare-sketch gives that disk back after each ingest."
