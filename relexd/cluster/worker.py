@@ -27,7 +27,6 @@ from typing import NoReturn
 import torch
 
 from relexd.engine.base import BaseModel
-from relexd.engine.buffers import TaskBuffers
 from relexd.engine.config import EngineConfig
 from relexd.engine.engine import open_checkpoint
 from relexd.engine.ingest import CheckpointPass, Interrupted, TensorResult, run_tensors
@@ -127,7 +126,6 @@ class PartWorker:
         self.base_path = Path(base_path)
         self.config = config
         self.pool = TensorPool(threads, memory_budget)
-        self.buffers = TaskBuffers()  # kept between checkpoints, as on a single host
         self._base: BaseModel | None = None
 
     def base(self) -> BaseModel:
@@ -172,7 +170,7 @@ class PartWorker:
             )
             try:
                 work.open_writers(writers, job.tensors)
-                results = run_tensors(work, self.pool, job.tensors, lambda: False, buffers=self.buffers)
+                results = run_tensors(work, self.pool, job.tensors, lambda: False)
                 writers.close()  # fsync'd: the coordinator may publish once every part says so
             except BaseException:
                 writers.abort()
@@ -183,7 +181,6 @@ class PartWorker:
 
     def close(self) -> None:
         self.pool.close()
-        self.buffers.clear()
         if self._base is not None:
             self._base.close()
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from relexd._closeable import Closeable
 from relexd.engine.base import BaseModel
-from relexd.engine.buffers import TaskBuffers
 from relexd.engine.ingest import CheckpointPass, TensorResult, run_tensors
 from relexd.engine.pool import TensorPool
 from relexd.engine.preview import write_preview_files
@@ -57,12 +56,10 @@ class TensorBackend(Closeable):
 
 
 class LocalTensors(TensorBackend):
-    """This host's worker threads: one sketch file, written by the transaction. The tasks' buffers
-    are kept from one checkpoint to the next (:mod:`relexd.engine.buffers`)."""
+    """This host's worker threads: one sketch file, written by the transaction."""
 
     def __init__(self, pool: TensorPool) -> None:
         self.pool = pool
-        self.buffers = TaskBuffers()
 
     def compute(
         self,
@@ -72,7 +69,7 @@ class LocalTensors(TensorBackend):
         on_tensor: Callable[[str, int], None] | None,
     ) -> tuple[dict[str, TensorResult], Partition | None]:
         work.open_writers(txn, work.base.tracked)
-        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor, self.buffers), None
+        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor), None
 
     def write_preview_files(
         self,
@@ -87,4 +84,3 @@ class LocalTensors(TensorBackend):
 
     def close(self) -> None:
         self.pool.close()
-        self.buffers.clear()
