@@ -11,7 +11,9 @@ spare sketch against none, paired on copies of one state (~12 min); ``paired`` t
 against the one before the fused pass 1, on copies of one state, cached and evicted (~10 min);
 ``page-cache`` today's engine against the one before it dropped the replaced sketch from the page
 cache, in alternating blocks of steady ingests of one 1.5B state that outgrows the page cache
-(~25 min, ~50 GB of scratch disk; small shapes with ``--quick``, which only exercises it).
+(~25 min, ~50 GB of scratch disk; small shapes with ``--quick``, which only exercises it);
+``scaling`` ingest time per worker count (1, 2, 4 … every core) on one 0.5B state, and the state of
+1 worker against the most, bit for bit (~5 min here).
 Benchmarks run one after another, never concurrently, each in its own temp dir under /tmp that is
 deleted afterwards.
 """
@@ -29,7 +31,7 @@ from relexd.engine.config import DEFAULT_RANK, available_cores
 
 BENCHMARKS = (
     "accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside",
-    "cluster", "spare", "paired", "page-cache",
+    "cluster", "spare", "paired", "page-cache", "scaling",
 )  # fmt: skip
 RESULTS = Path(__file__).parent / "results"
 
@@ -167,6 +169,14 @@ def main() -> None:
         blocks, size = (2, 3) if args.quick else (4, 4)
         result = page_cache.run(shape, DEFAULT_RANK, blocks, size, page_cache.BEFORE_REV)
         save("page-cache", page_cache.report(result), time.perf_counter() - t0)
+    if "scaling" in args.only:
+        from bench import scaling
+
+        t0 = time.perf_counter()
+        shape = QWEN25_05B.smaller(2, 16384) if args.quick else QWEN25_05B
+        rounds = 1 if args.quick else 2
+        result = scaling.run(shape, DEFAULT_RANK, scaling.thread_counts(), rounds, equality=True)
+        save("scaling", scaling.report(result), time.perf_counter() - t0)
     if "cluster" in args.only:
         from bench import cluster
 

@@ -1,0 +1,245 @@
+"""Ingest time per worker count on one state, N = 1, 2, 4 … up to every core of the host, and a
+check that the largest N commits the state of N = 1 bit for bit.
+
+Why this and not bench.ingest's "vs 1 thread" column: bench.ingest keeps a state per configuration,
+which at 16 configurations of a 0.5B rank-2 run (~10 GB each) outgrows any disk, and measures a
+floor before every ingest. Here one state follows the run; each steady checkpoint (the trainer's
+fresh one, in the page cache as a real trainer's is) is ingested by the next worker count in a
+rotating order, so every N meets the same mix of early and late checkpoints. Anchor checkpoints (the
+8th, 16th … observed) also write an anchor: they are ingested with the most workers and not counted.
+Every ingest does the same work on a steady checkpoint, so the rows compare N, not checkpoints.
+
+The floor (issue 12's definition: the larger of a plain read of checkpoint + base + old sketch and
+writing + fsync'ing a new file the size of the new sketch) is measured once per round, right before
+its first ingest.
+
+The equality check: the state is copied once, the next checkpoint is ingested with N = 1 into one
+copy and with the largest N into the other, and every committed file is compared byte for byte
+(``meta.json`` without its clock fields).
+
+Why a tensor bounds the speed-up: a tensor is one task on one core (:mod:`relexd.engine.pool`), so
+an ingest takes at least as long as its largest tensor alone — the embedding is 28 % of a 0.5B
+model's elements (at most ~3.6× from any N), 15 % of a 1.5B model's and ~7 % of an 8B model's.
+The table prints that bound beside each N.
+
+Run alone: ``python -m bench.scaling [--model 0.5b] [--rank 2] [--threads 1 2 4 8 16] [--rounds 2]
+[--layers L] [--no-equality]``; ``RELEXD_BENCH_SYNTH_THREADS`` sets torch's threads for writing the synthetic
+checkpoints (not the engine's: its workers are single-threaded whatever it says).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import filecmp
+import itertools
+import json
+import os
+import resource
+import shutil
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import MB, markdown_table, plain_read, vm_hwm_bytes
+from bench.common import scratch_dir as scratch
+from bench.ingest import MODELS, current_sketch, write_floor
+from bench.synthetic import ModelShape, Trajectory
+from relexd.engine import Engine, EngineConfig
+from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.math.confidence import is_anchor_count
+
+BUILD_CHECKPOINTS = 4
+SYNTH_THREADS = int(os.environ.get("RELEXD_BENCH_SYNTH_THREADS", str(torch.get_num_threads())))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Run:
+    """The synthetic run's base, state and next checkpoint."""
+
+    def __init__(self, shape: ModelShape, rank: int, tmp: Path) -> None:
+        self.traj, self.rank, self.tmp = Trajectory(shape), rank, tmp
+        self.state, self.ckpt_dir = tmp / "state", tmp / "checkpoint"
+        self.steps = itertools.count(10, 10)
+        self.observed = 0
+        with torch_threads(SYNTH_THREADS):
+            self.base = self.traj.write_base(tmp / "base")
+
+    def checkpoint(self) -> tuple[Path, int]:
+        """The trainer's next checkpoint, freshly written (the previous one is deleted)."""
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        step = next(self.steps)
+        with torch_threads(SYNTH_THREADS):
+            return self.traj.write_checkpoint(self.base, self.ckpt_dir, step), step
+
+    def ingest(
+        self, threads: int, state: Path | None = None, ckpt_step: tuple[Path, int] | None = None
+    ) -> tuple[float, float]:
+        """Ingest the next checkpoint (or ``ckpt_step``) into ``state`` with ``threads`` workers,
+        in an engine opened for it; returns (seconds of the ingest, CPU seconds of the process)."""
+        ckpt, step = ckpt_step or self.checkpoint()
+        with Engine(state or self.state, self.base, EngineConfig(rank=self.rank), threads=threads) as engine:
+            cpu = _cpu()
+            report = engine.ingest(ckpt, step)
+            cpu = _cpu() - cpu
+        return report.seconds, cpu
+
+    def floor(self) -> float:
+        """Issue 12's floor for the next ingest of this state (before its checkpoint exists, the
+        current base stands in for it: the same bytes)."""
+        sketch = current_sketch(self.state)
+        files = [self.base / "model.safetensors"] * 2 + ([sketch] if sketch else [])
+        _, read_s = plain_read(files)
+        write_s, _ = write_floor(self.traj.shape.params * self.rank * 4, self.tmp)
+        return max(read_s, write_s)
+
+
+def committed_files_equal(a: Path, b: Path) -> list[str]:
+    """Files of two states' committed generation and anchors that differ (``meta.json`` compared
+    without its clock fields); empty when the states are equal bit for bit."""
+
+    def files(state: Path) -> dict[str, Path]:
+        gen = json.loads((state / "CURRENT").read_text())["generation"]
+        out = {f"generation/{f.name}": f for f in (state / "generations" / gen).iterdir()}
+        return out | {str(f.relative_to(state)): f for f in (state / "anchors").rglob("*") if f.is_file()}
+
+    def meta(path: Path) -> dict[str, Any]:
+        m = json.loads(path.read_text())
+        for rec in m["history"]:
+            rec.pop("time", None), rec.pop("seconds", None)
+        for key in ("last_time", "created"):
+            m.pop(key, None)
+        return m
+
+    fa, fb = files(a), files(b)
+    differ = sorted(set(fa) ^ set(fb))
+    for name in sorted(set(fa) & set(fb)):
+        same = (
+            meta(fa[name]) == meta(fb[name])
+            if name.endswith("meta.json")
+            else filecmp.cmp(fa[name], fb[name], shallow=False)
+        )
+        if not same:
+            differ.append(name)
+    return differ
+
+
+def thread_counts() -> list[int]:
+    """1, 2, 4, 8 … up to every core this process may use, and that count itself."""
+    cores = available_cores()
+    return sorted({1, *(n for n in (2, 4, 8, 16, 32, 64) if n <= cores), cores})
+
+
+def run(shape: ModelShape, rank: int, threads: list[int], rounds: int, equality: bool) -> dict[str, Any]:
+    records: list[dict[str, Any]] = []
+    floors: list[float] = []
+    with scratch(f"scaling-{shape.name}-k{rank}") as tmp:
+        r = Run(shape, rank, tmp)
+        for _ in range(BUILD_CHECKPOINTS):
+            r.observed += 1
+            r.ingest(max(threads))
+        for rnd in range(rounds):
+            floors.append(r.floor())
+            order = threads[rnd % len(threads) :] + threads[: rnd % len(threads)]
+            for n in order:
+                while is_anchor_count(r.observed + 1):  # an anchor checkpoint: not counted
+                    r.observed += 1
+                    r.ingest(max(threads))
+                r.observed += 1
+                seconds, cpu = r.ingest(n)
+                records.append({"round": rnd + 1, "threads": n, "seconds": seconds, "cpu_s": cpu})
+                print(f"round {rnd + 1}, {n} workers: {seconds:.2f} s, CPU {cpu:.1f} s", flush=True)
+        differ: list[str] | None = None
+        if equality:
+            nxt = r.checkpoint()
+            copies = {n: tmp / f"state-{n}" for n in (1, max(threads))}
+            r.state.rename(copies[1])  # one copy, not two: a 1.5B state is ~30 GB
+            shutil.copytree(copies[1], copies[max(threads)])
+            for n, copy in copies.items():
+                r.ingest(n, copy, nxt)
+            differ = committed_files_equal(*copies.values())
+            print(f"1 vs {max(threads)} workers, committed files that differ: {differ or 'none'}")
+    return {
+        "model": shape.name,
+        "rank": rank,
+        "records": records,
+        "floor_s": statistics.median(floors),
+        "largest_share": shape.largest / shape.params,
+        "differ": differ,
+        "peak_rss": vm_hwm_bytes(),
+        "largest_f32": shape.largest * 4,
+        "cores": available_cores(),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for rec in result["records"]:
+        by_n.setdefault(rec["threads"], []).append(rec)
+    med = {n: statistics.median(x["seconds"] for x in rs) for n, rs in sorted(by_n.items())}
+    one = med.get(1)
+    rows = [
+        [result["model"], result["rank"], n, len(by_n[n]), s,
+         min(x["seconds"] for x in by_n[n]), max(x["seconds"] for x in by_n[n]),
+         statistics.median(x["cpu_s"] for x in by_n[n]),
+         one / s if one else None, min(n, 1 / result["largest_share"]), s / result["floor_s"]]
+        for n, s in med.items()
+    ]  # fmt: skip
+    table = markdown_table(
+        ["model", "rank", "workers", "ingests", "median s", "min s", "max s", "median CPU s",
+         "speed-up vs 1", "bound: min(N, 1 / largest share)", "ingest / floor"],
+        rows,
+    )  # fmt: skip
+    differ = result["differ"]
+    equal = (
+        "not checked"
+        if differ is None
+        else "equal bit for bit"
+        if not differ
+        else "DIFFER: " + ", ".join(differ)
+    )
+    return (
+        f"{table}\n\nHost: {result['cores']} cores usable. Floor (median of the rounds): "
+        f"{result['floor_s']:.2f} s. Largest tensor: {result['largest_share']:.1%} of the elements. "
+        f"State after one more checkpoint, 1 vs {max(by_n)} workers: {equal}. Peak RSS of the "
+        f"process: {result['peak_rss'] / MB:.0f} MB ({result['peak_rss'] / result['largest_f32']:.2f}× the "
+        f"largest tensor in float32; the synthetic writer's buffers included)."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="0.5b")
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK)
+    p.add_argument("--threads", type=int, nargs="+", default=thread_counts())
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--layers", type=int, help="the model's shapes with fewer layers (a quick run)")
+    p.add_argument("--no-equality", action="store_true", help="skip the 1-vs-most-workers state check")
+    a = p.parse_args(argv)
+    start = time.perf_counter()
+    shape = MODELS[a.model].smaller(a.layers) if a.layers else MODELS[a.model]
+    result = run(shape, a.rank, sorted(set(a.threads)), a.rounds, not a.no_equality)
+    print(report(result))
+    print(f"\n_{time.perf_counter() - start:.0f} s in all._")
+
+
+if __name__ == "__main__":
+    main()
