@@ -57,7 +57,7 @@ class WatchSettings:
     per_worker_metrics: bool = False  # with --ray: one series per worker
     once: bool = False  # ingest what is complete, refresh previews, exit
     #: ingest worker threads, each computing one tensor at a time on one core (None: every core
-    #: this process may use); the results do not depend on it
+    #: this process may use, at most 8: engine.config.default_workers); the results do not depend on it
     threads: int | None = None
     #: bytes the tensors in flight may hold (None: bounded by the worker count only); with --ray,
     #: per cluster worker

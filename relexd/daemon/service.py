@@ -55,7 +55,7 @@ from relexd.daemon.liveness import Liveness
 from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
 from relexd.engine.backend import TensorBackend
-from relexd.engine.config import available_cores
+from relexd.engine.config import default_workers
 from relexd.engine.engine import Engine
 from relexd.engine.ingest import IngestReport, Interrupted
 from relexd.engine.preview import MANIFEST, preview_name
@@ -186,7 +186,7 @@ class WatchService:
             s.state_dir,
             s.base,
             s.engine,
-            threads=s.threads or available_cores(),
+            threads=s.threads or default_workers(),
             memory_budget=s.memory_budget,
             backend=self._cluster_backend(),
             spare_sketch=s.spare_sketch,

@@ -78,7 +78,15 @@ class EngineConfig:
 
 
 #: the help of the two engine options that change speed and memory, never results (both CLIs)
-THREADS_HELP = "Ingest worker threads, one tensor each on one core (default: every core it may use)."
+#: the most worker threads the default takes: measured on a 16-core host (bench/README.md, "16
+#: cores"), 0.5B and 1.5B rank-2 ingests were fastest at 4–8 workers and slower at 16 (1.43× and
+#: 1.11× the time of 4 and 8 workers) while burning 1.4–1.8× the CPU — the tensors then contend for
+#: memory bandwidth, and the largest tensor bounds the speed-up anyway (one task, one core)
+MAX_DEFAULT_WORKERS = 8
+THREADS_HELP = (
+    "Ingest worker threads, one tensor each on one core (default: every core it may use, at most "
+    f"{MAX_DEFAULT_WORKERS})."
+)
 BUDGET_HELP = "Memory the tensors in flight may hold, e.g. 8G (default: no cap beyond --threads)."
 SPARE_HELP = (
     "Keep the replaced sketch file and overwrite it with the next one (faster ingest; the state at "
@@ -86,11 +94,16 @@ SPARE_HELP = (
 )
 
 
+def default_workers() -> int:
+    """The default number of ingest worker threads: every core this process may use, at most
+    :data:`MAX_DEFAULT_WORKERS`. Beside a trainer relexd runs at a lower CPU priority, so it takes
+    what the trainer leaves: measured, a second worker gave 1.5–1.6× on a free 2-core host and cost
+    nothing with one core busy (bench/README.md, issue 12)."""
+    return min(available_cores(), MAX_DEFAULT_WORKERS)
+
+
 def available_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a cgroup's cpuset or taskset):
-    the default number of ingest worker threads. Beside a trainer relexd runs at a lower CPU
-    priority, so it takes what the trainer leaves: measured, a second worker gave 1.5–1.6× on a
-    free 2-core host and cost nothing with one core busy (bench/README.md, issue 12)."""
+    """The CPUs this process may run on (its affinity mask, e.g. a cgroup's cpuset or taskset)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux

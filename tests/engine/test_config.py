@@ -1,0 +1,38 @@
+"""The engine's settings a user types: the default worker count and ``--memory-budget`` sizes."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from relexd.engine import config
+from relexd.errors import ConfigError
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (8, 8), (16, config.MAX_DEFAULT_WORKERS)])
+def test_the_default_takes_every_core_up_to_the_measured_cap(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert config.default_workers() == workers
+
+
+def test_the_cap_is_below_the_16_cores_that_measured_slower() -> None:
+    assert 4 <= config.MAX_DEFAULT_WORKERS < 16
+    assert str(config.MAX_DEFAULT_WORKERS) in config.THREADS_HELP
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("8G", 8 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("4096", 4096), ("none", None), (None, None)],
+)
+def test_memory_budget_sizes(text: str | None, size: int | None) -> None:
+    assert config.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["8X", "-1G", "0", "lots"])
+def test_a_size_that_is_not_one_names_itself(text: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(repr(text))):
+        config.parse_size(text)
