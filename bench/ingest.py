@@ -49,7 +49,7 @@ from typing import Any
 from bench.common import GB, MB, markdown_table, plain_read
 from bench.common import scratch_dir as scratch
 from bench.synthetic import QWEN25_05B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
-from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.engine.config import DEFAULT_RANK, default_workers
 from relexd.math.confidence import is_anchor_count
 
 MODELS = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="0.5b")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK)
     p.add_argument("--checkpoints", type=int, default=5)
-    p.add_argument("--threads", type=int, nargs="+", default=sorted({1, available_cores()}))
+    p.add_argument("--threads", type=int, nargs="+", default=sorted({1, default_workers()}))
     p.add_argument("--before", action="store_true", help=f"also the engine of {BEFORE_REV}")
     p.add_argument("--busy", action="store_true", help="also with one core kept busy, relexd at nice 10")
     p.add_argument("--no-spare", action="store_true", help="also without the spare sketch (most threads)")

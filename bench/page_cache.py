@@ -35,7 +35,7 @@ from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, Config, EngineChild, before_tree
 from bench.synthetic import ModelShape, Trajectory
 from relexd.engine import Engine, EngineConfig
-from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.engine.config import DEFAULT_RANK, default_workers
 from relexd.math.confidence import is_anchor_count
 
 #: the engine before the replaced sketch left the page cache and the tensor order alternated
@@ -55,14 +55,14 @@ def run(
     with scratch(f"page-cache-{shape.name}-k{rank}") as tmp, before_tree(before) as tree:
         base = traj.write_base(tmp / "base")
         state, ckpt_dir = tmp / "state", tmp / "checkpoint"
-        with Engine(state, base, EngineConfig(rank=rank), threads=available_cores()) as engine:
+        with Engine(state, base, EngineConfig(rank=rank), threads=default_workers()) as engine:
             for _ in range(BUILD_CHECKPOINTS):
                 step = next(steps)
                 engine.ingest(traj.write_checkpoint(base, ckpt_dir, step), step)
                 shutil.rmtree(ckpt_dir)
         observed = BUILD_CHECKPOINTS
         for block in range(blocks):
-            config = Config(("before", "now")[block % 2], available_cores())
+            config = Config(("before", "now")[block % 2], default_workers())
             with EngineChild(config, tree, state, base, rank) as child:
                 for n in range(block_size):
                     step, observed = next(steps), observed + 1

@@ -34,7 +34,7 @@ from bench.ingest import MODELS, Config, before_tree, ingest_child
 from bench.spare import _evict as evict_file
 from bench.synthetic import ModelShape, Trajectory, steps_irregular
 from relexd.engine import Engine, EngineConfig
-from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.engine.config import DEFAULT_RANK, default_workers
 
 #: the engine before the fused pass 1 and the read-ahead hints (issue 12, 3 Dec)
 BEFORE_REV = "35d14cc"
@@ -63,7 +63,7 @@ def _trial(
     else:
         _evict(copy)
     plain_read([ckpt / "model.safetensors", base / "model.safetensors"])
-    config = Config(engine, available_cores())
+    config = Config(engine, default_workers())
     return float(ingest_child(config, tree, copy, base, ckpt, step, rank)["ingest_s"])
 
 
@@ -76,7 +76,7 @@ def run(
     seconds: dict[tuple[str, str], list[float]] = {(m, e): [] for m in modes for e in ("before", "now")}
     with scratch(f"paired-{shape.name}-k{rank}") as tmp, before_tree(before) as tree:
         base = traj.write_base(tmp / "base")
-        with Engine(tmp / "state", base, EngineConfig(rank=rank), threads=available_cores()) as engine:
+        with Engine(tmp / "state", base, EngineConfig(rank=rank), threads=default_workers()) as engine:
             for step in steps[:4]:
                 ckpt = traj.write_checkpoint(base, tmp / f"checkpoint-{step}", step)
                 engine.ingest(ckpt, step)

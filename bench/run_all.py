@@ -27,7 +27,7 @@ from pathlib import Path
 from bench import ingest, preview_write
 from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
-from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.engine.config import DEFAULT_RANK, default_workers
 
 BENCHMARKS = (
     "accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside",
@@ -42,10 +42,10 @@ def run_ingest_and_preview(
     """Ingest configurations; the first one's final state is reused by the preview benchmark.
 
     Full mode: 0.5B shapes at the default rank and at rank 1, each with the engine before the
-    worker pool and today's at 1 and all cores; then a busy host (one core kept busy, relexd at
-    nice 10); ``--large`` adds the 1.5B shapes.
+    worker pool and today's at 1 worker and at the default count; then a busy host (one core kept
+    busy, relexd at nice 10); ``--large`` adds the 1.5B shapes.
     """
-    cores = sorted({1, available_cores()})
+    cores = sorted({1, default_workers()})
     out: dict[str, str] = {}
     with scratch_dir("run-all") as tmp:
         if quick:

@@ -50,7 +50,7 @@ from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, current_sketch, write_floor
 from bench.synthetic import ModelShape, Trajectory
 from relexd.engine import Engine, EngineConfig
-from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.engine.config import DEFAULT_RANK, available_cores, default_workers
 from relexd.math.confidence import is_anchor_count
 
 BUILD_CHECKPOINTS = 4
@@ -143,9 +143,9 @@ def committed_files_equal(a: Path, b: Path) -> list[str]:
 
 
 def thread_counts() -> list[int]:
-    """1, 2, 4, 8 … up to every core this process may use, and that count itself."""
+    """1, 2, 4, 8 … up to every core this process may use, that count itself and the default."""
     cores = available_cores()
-    return sorted({1, *(n for n in (2, 4, 8, 16, 32, 64) if n <= cores), cores})
+    return sorted({1, *(n for n in (2, 4, 8, 16, 32, 64) if n <= cores), cores, default_workers()})
 
 
 def run(shape: ModelShape, rank: int, threads: list[int], rounds: int, equality: bool) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, Config, ingest_child
 from bench.synthetic import ModelShape, Trajectory, steps_irregular
 from relexd.engine import Engine, EngineConfig
-from relexd.engine.config import DEFAULT_RANK, available_cores
+from relexd.engine.config import DEFAULT_RANK, default_workers
 from relexd.state.store import SKETCH_FILE, SPARE_DIR
 
 CASES = ("spare, cached", "spare, evicted", "no spare")
@@ -58,7 +58,7 @@ def _trial(case: str, state: Path, work: Path, base: Path, ckpt: Path, step: int
     elif case == "spare, evicted":
         _evict(spare)
     plain_read([ckpt / "model.safetensors", base / "model.safetensors"])
-    config = Config("now", available_cores(), spare=case != "no spare")
+    config = Config("now", default_workers(), spare=case != "no spare")
     return float(ingest_child(config, None, copy, base, ckpt, step, rank)["ingest_s"])
 
 
@@ -70,7 +70,7 @@ def run(shape: ModelShape, rank: int, pairs: int) -> dict[str, Any]:
     with scratch(f"spare-{shape.name}-k{rank}") as tmp:
         base = traj.write_base(tmp / "base")
         state = tmp / "state"
-        with Engine(state, base, EngineConfig(rank=rank), threads=available_cores()) as engine:
+        with Engine(state, base, EngineConfig(rank=rank), threads=default_workers()) as engine:
             for step in steps[:4]:
                 ckpt = traj.write_checkpoint(base, tmp / f"checkpoint-{step}", step)
                 engine.ingest(ckpt, step)

@@ -77,15 +77,20 @@ class EngineConfig:
         return (self.estimator, self.width)
 
 
-#: the help of the two engine options that change speed and memory, never results (both CLIs)
+#: worker threads per core the default takes: a task waiting for the disk leaves its core idle,
+#: and a second task per core fills it. Measured on 2 cores (bench/README.md, "4 Dec"): at 1.5B,
+#: whose state outgrows the page cache, 4 workers took 18.4 s against 25.1 s for 2; at 0.5B, cached,
+#: 2, 3 and 4 workers were equal within the noise (3.9, 3.6 and 4.0 s)
+WORKERS_PER_CORE = 2
 #: the most worker threads the default takes: measured on a 16-core host (bench/README.md, "16
 #: cores"), 0.5B and 1.5B rank-2 ingests were fastest at 4–8 workers and slower at 16 (1.43× and
 #: 1.11× the time of 4 and 8 workers) while burning 1.4–1.8× the CPU — the tensors then contend for
 #: memory bandwidth, and the largest tensor bounds the speed-up anyway (one task, one core)
 MAX_DEFAULT_WORKERS = 8
+#: the help of the two engine options that change speed and memory, never results (both CLIs)
 THREADS_HELP = (
-    "Ingest worker threads, one tensor each on one core (default: every core it may use, at most "
-    f"{MAX_DEFAULT_WORKERS})."
+    f"Ingest worker threads, one tensor each (default: {WORKERS_PER_CORE} per core it may use, at "
+    f"most {MAX_DEFAULT_WORKERS})."
 )
 BUDGET_HELP = "Memory the tensors in flight may hold, e.g. 8G (default: no cap beyond --threads)."
 SPARE_HELP = (
@@ -95,11 +100,12 @@ SPARE_HELP = (
 
 
 def default_workers() -> int:
-    """The default number of ingest worker threads: every core this process may use, at most
-    :data:`MAX_DEFAULT_WORKERS`. Beside a trainer relexd runs at a lower CPU priority, so it takes
-    what the trainer leaves: measured, a second worker gave 1.5–1.6× on a free 2-core host and cost
-    nothing with one core busy (bench/README.md, issue 12)."""
-    return min(available_cores(), MAX_DEFAULT_WORKERS)
+    """The default number of ingest worker threads: :data:`WORKERS_PER_CORE` per core this process
+    may use, at most :data:`MAX_DEFAULT_WORKERS`. Beside a trainer relexd runs at a lower CPU
+    priority, so it takes what the trainer leaves: measured, a second worker gave 1.5–1.6× on a
+    free 2-core host and cost nothing with one core busy (bench/README.md, issue 12); beside a
+    trainer that keeps every core busy, ``--threads 1`` is the advice (README)."""
+    return min(WORKERS_PER_CORE * available_cores(), MAX_DEFAULT_WORKERS)
 
 
 def available_cores() -> int:

@@ -11,17 +11,17 @@ from relexd.engine import config
 from relexd.errors import ConfigError
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (8, 8), (16, config.MAX_DEFAULT_WORKERS)])
-def test_the_default_takes_every_core_up_to_the_measured_cap(
+@pytest.mark.parametrize(("cores", "workers"), [(1, 2), (2, 4), (3, 6), (4, 8), (16, 8)])
+def test_the_default_takes_two_workers_per_core_up_to_the_measured_cap(
     monkeypatch: pytest.MonkeyPatch, cores: int, workers: int
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert config.default_workers() == workers
 
 
-def test_the_cap_is_below_the_16_cores_that_measured_slower() -> None:
-    assert 4 <= config.MAX_DEFAULT_WORKERS < 16
-    assert str(config.MAX_DEFAULT_WORKERS) in config.THREADS_HELP
+def test_the_help_says_the_default() -> None:
+    assert config.MAX_DEFAULT_WORKERS == 8 and config.WORKERS_PER_CORE == 2
+    assert "2 per core" in config.THREADS_HELP and "at most 8" in config.THREADS_HELP
 
 
 @pytest.mark.parametrize(
