@@ -102,9 +102,9 @@ SPARE_HELP = (
 def default_workers() -> int:
     """The default number of ingest worker threads: :data:`WORKERS_PER_CORE` per core this process
     may use, at most :data:`MAX_DEFAULT_WORKERS`. Beside a trainer relexd runs at a lower CPU
-    priority, so it takes what the trainer leaves: measured, a second worker gave 1.5–1.6× on a
-    free 2-core host and cost nothing with one core busy (bench/README.md, issue 12); beside a
-    trainer that keeps every core busy, ``--threads 1`` is the advice (README)."""
+    priority, so it takes what the trainer leaves. Beside a process that keeps every core busy, two
+    workers were slower than one in two runs of three on 2 cores (bench/README.md, issue 12), so
+    there ``--threads 1`` is the advice (README)."""
     return min(WORKERS_PER_CORE * available_cores(), MAX_DEFAULT_WORKERS)
 
 
