@@ -168,7 +168,7 @@ def run(shape: ModelShape, rank: int, threads: list[int], rounds: int, equality:
                 records.append({"round": rnd + 1, "threads": n, "seconds": seconds, "cpu_s": cpu})
                 print(f"round {rnd + 1}, {n} workers: {seconds:.2f} s, CPU {cpu:.1f} s", flush=True)
         differ: list[str] | None = None
-        if equality:
+        if equality and max(threads) > 1:
             nxt = r.checkpoint()
             copies = {n: tmp / f"state-{n}" for n in (1, max(threads))}
             r.state.rename(copies[1])  # one copy, not two: a 1.5B state is ~30 GB
@@ -200,12 +200,13 @@ def report(result: dict[str, Any]) -> str:
         [result["model"], result["rank"], n, len(by_n[n]), s,
          min(x["seconds"] for x in by_n[n]), max(x["seconds"] for x in by_n[n]),
          statistics.median(x["cpu_s"] for x in by_n[n]),
-         one / s if one else None, min(n, 1 / result["largest_share"]), s / result["floor_s"]]
+         one / s if one else None, min(n, result["cores"], 1 / result["largest_share"]),
+         s / result["floor_s"]]
         for n, s in med.items()
     ]  # fmt: skip
     table = markdown_table(
         ["model", "rank", "workers", "ingests", "median s", "min s", "max s", "median CPU s",
-         "speed-up vs 1", "bound: min(N, 1 / largest share)", "ingest / floor"],
+         "speed-up vs 1", "bound: min(N, cores, 1 / largest share)", "ingest / floor"],
         rows,
     )  # fmt: skip
     differ = result["differ"]
