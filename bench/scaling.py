@@ -79,7 +79,7 @@ class Run:
         self.traj, self.rank, self.tmp = Trajectory(shape), rank, tmp
         self.state, self.ckpt_dir = tmp / "state", tmp / "checkpoint"
         self.steps = itertools.count(10, 10)
-        self.observed = 0
+        self.observed = 0  # checkpoints the run's own state has taken
         with torch_threads(SYNTH_THREADS):
             self.base = self.traj.write_base(tmp / "base")
 
@@ -93,14 +93,21 @@ class Run:
     def ingest(
         self, threads: int, state: Path | None = None, ckpt_step: tuple[Path, int] | None = None
     ) -> tuple[float, float]:
-        """Ingest the next checkpoint (or ``ckpt_step``) into ``state`` with ``threads`` workers,
-        in an engine opened for it; returns (seconds of the ingest, CPU seconds of the process)."""
+        """Ingest the next checkpoint (or ``ckpt_step``) into ``state`` (default: the run's own)
+        with ``threads`` workers, in an engine opened for it; returns (seconds of the ingest, CPU
+        seconds of the process)."""
         ckpt, step = ckpt_step or self.checkpoint()
         with Engine(state or self.state, self.base, EngineConfig(rank=self.rank), threads=threads) as engine:
             cpu = _cpu()
             report = engine.ingest(ckpt, step)
             cpu = _cpu() - cpu
+        if state is None:
+            self.observed += 1
         return report.seconds, cpu
+
+    def next_is_anchor(self) -> bool:
+        """Whether the run's state takes an anchor at its next checkpoint."""
+        return is_anchor_count(self.observed + 1)
 
     def floor(self) -> float:
         """Issue 12's floor for the next ingest of this state (before its checkpoint exists, the
@@ -154,16 +161,13 @@ def run(shape: ModelShape, rank: int, threads: list[int], rounds: int, equality:
     with scratch(f"scaling-{shape.name}-k{rank}") as tmp:
         r = Run(shape, rank, tmp)
         for _ in range(BUILD_CHECKPOINTS):
-            r.observed += 1
             r.ingest(max(threads))
         for rnd in range(rounds):
             floors.append(r.floor())
             order = threads[rnd % len(threads) :] + threads[: rnd % len(threads)]
             for n in order:
-                while is_anchor_count(r.observed + 1):  # an anchor checkpoint: not counted
-                    r.observed += 1
+                while r.next_is_anchor():  # an anchor checkpoint: not counted
                     r.ingest(max(threads))
-                r.observed += 1
                 seconds, cpu = r.ingest(n)
                 records.append({"round": rnd + 1, "threads": n, "seconds": seconds, "cpu_s": cpu})
                 print(f"round {rnd + 1}, {n} workers: {seconds:.2f} s, CPU {cpu:.1f} s", flush=True)
