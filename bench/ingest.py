@@ -40,13 +40,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import GB, MB, markdown_table, plain_read
+from bench.common import GB, MB, evict, markdown_table, plain_read
 from bench.common import scratch_dir as scratch
 from bench.synthetic import QWEN25_05B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
 from relexd.engine.config import DEFAULT_RANK, default_workers
@@ -197,22 +198,49 @@ def current_sketch(state: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def write_floor(nbytes: int, directory: Path) -> tuple[float, float]:
-    """Seconds to write and fsync ``nbytes`` (16 MiB blocks of zeros) into a new file — the
-    sketch's write floor — and then to rewrite that file in place (what the spare sketch costs)."""
+def _write_fsync(path: Path, nbytes: int, mode: str) -> float:
+    """Seconds to write ``nbytes`` of zeros (16 MiB blocks) into ``path`` (opened with ``mode``)
+    and fsync it."""
     block = bytes(16 << 20)
+    start = time.perf_counter()
+    with open(path, mode, buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(block[: min(left, len(block))])
+        os.fsync(f.fileno())
+    return time.perf_counter() - start
+
+
+def write_floor(nbytes: int, directory: Path) -> tuple[float, float]:
+    """Seconds to write and fsync ``nbytes`` into a new file — the sketch's write floor — and then
+    to rewrite that file in place (what the spare sketch costs)."""
     path = directory / "write-floor.bin"
-    took = []
-    for mode in ("wb", "r+b"):
-        start = time.perf_counter()
-        with open(path, mode, buffering=0) as f:
-            left = nbytes
-            while left > 0:
-                left -= f.write(block[: min(left, len(block))])
-            os.fsync(f.fileno())
-        took.append(time.perf_counter() - start)
+    took = _write_fsync(path, nbytes, "wb"), _write_fsync(path, nbytes, "r+b")
     path.unlink()
-    return took[0], took[1]
+    return took
+
+
+def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: int, directory: Path) -> float:
+    """Seconds to read ``read_paths`` (plain reads, as :func:`plain_read`) in one thread while this
+    one writes and fsyncs ``nbytes`` into a new file: what an ingest's I/O takes on a disk that
+    must serve both at once, with no computation at all. ``cold`` (one of ``read_paths``: the old
+    sketch) is dropped from the page cache first (``POSIX_FADV_DONTNEED``), as it is when the
+    state outgrows the page cache and the engine wrote it around it; the other files stay as the
+    trainer and the last ingest left them.
+
+    Why beside the issue's floor: the floor is the larger of reading and writing *alone*, which
+    only a disk that serves reads and writes in parallel at full speed lets any program reach."""
+    if cold is not None:
+        evict(cold)
+    path = directory / "write-at-once.bin"
+    reader = threading.Thread(target=plain_read, args=(read_paths,))
+    start = time.perf_counter()
+    reader.start()
+    _write_fsync(path, nbytes, "wb")
+    reader.join()
+    took = time.perf_counter() - start
+    path.unlink()
+    return took
 
 
 @contextlib.contextmanager

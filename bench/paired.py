@@ -28,10 +28,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.common import markdown_table, plain_read
+from bench.common import evict, markdown_table, plain_read
 from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, Config, before_tree, ingest_child
-from bench.spare import _evict as evict_file
 from bench.synthetic import ModelShape, Trajectory, steps_irregular
 from relexd.engine import Engine, EngineConfig
 from relexd.engine.config import DEFAULT_RANK, default_workers
@@ -47,7 +46,7 @@ def _files(root: Path) -> list[Path]:
 
 def _evict(root: Path) -> None:
     for path in _files(root):
-        evict_file(path)
+        evict(path)
 
 
 def _trial(

@@ -11,7 +11,10 @@ Every ingest does the same work on a steady checkpoint, so the rows compare N, n
 
 The floor (issue 12's definition: the larger of a plain read of checkpoint + base + old sketch and
 writing + fsync'ing a new file the size of the new sketch) is measured once per round, right before
-its first ingest.
+its first ingest. With ``--at-once`` the round also times those reads and that write at once, the
+old sketch dropped from the page cache first: the I/O of an ingest whose state outgrows the page
+cache, on a disk that must serve both (the floor assumes one that serves them in parallel at full
+speed).
 
 The equality check: the state is copied once, the next checkpoint is ingested with N = 1 into one
 copy and with the largest N into the other, and every committed file is compared byte for byte
@@ -23,8 +26,8 @@ model's elements (at most ~3.6× from any N), 15 % of a 1.5B model's and ~7 % of
 The table prints that bound beside each N.
 
 Run alone: ``python -m bench.scaling [--model 0.5b] [--rank 2] [--threads 1 2 4 8 16] [--rounds 2]
-[--layers L] [--no-equality]``; ``RELEXD_BENCH_SYNTH_THREADS`` sets torch's threads for writing the synthetic
-checkpoints (not the engine's: its workers are single-threaded whatever it says).
+[--layers L] [--no-equality] [--at-once]``; ``RELEXD_BENCH_SYNTH_THREADS`` sets torch's threads for
+writing the synthetic checkpoints (not the engine's: its workers are single-threaded whatever it says).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 
 from bench.common import MB, markdown_table, plain_read, vm_hwm_bytes
 from bench.common import scratch_dir as scratch
-from bench.ingest import MODELS, current_sketch, write_floor
+from bench.ingest import MODELS, current_sketch, read_while_writing, write_floor
 from bench.synthetic import ModelShape, Trajectory
 from relexd.engine import Engine, EngineConfig
 from relexd.engine.config import DEFAULT_RANK, available_cores, default_workers
@@ -109,14 +112,21 @@ class Run:
         """Whether the run's state takes an anchor at its next checkpoint."""
         return is_anchor_count(self.observed + 1)
 
-    def floor(self) -> float:
+    def floor(self, at_once: bool) -> dict[str, float]:
         """Issue 12's floor for the next ingest of this state (before its checkpoint exists, the
-        current base stands in for it: the same bytes)."""
+        current base stands in for it: the same bytes) and, with ``at_once``, the same reads and
+        write on the disk at once with the old sketch read from the disk
+        (:func:`bench.ingest.read_while_writing`)."""
         sketch = current_sketch(self.state)
         files = [self.base / "model.safetensors"] * 2 + ([sketch] if sketch else [])
+        nbytes = self.traj.shape.params * self.rank * 4
         _, read_s = plain_read(files)
-        write_s, _ = write_floor(self.traj.shape.params * self.rank * 4, self.tmp)
-        return max(read_s, write_s)
+        write_s, _ = write_floor(nbytes, self.tmp)
+        out = {"floor_s": max(read_s, write_s), "read_s": read_s, "write_s": write_s}
+        if at_once:
+            out["at_once_s"] = read_while_writing(files, sketch, nbytes, self.tmp)
+        print(", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
+        return out
 
 
 def committed_files_equal(a: Path, b: Path) -> list[str]:
@@ -155,15 +165,17 @@ def thread_counts() -> list[int]:
     return sorted({1, *(n for n in (2, 4, 8, 16, 32, 64) if n <= cores), cores, default_workers()})
 
 
-def run(shape: ModelShape, rank: int, threads: list[int], rounds: int, equality: bool) -> dict[str, Any]:
+def run(
+    shape: ModelShape, rank: int, threads: list[int], rounds: int, equality: bool, at_once: bool = False
+) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
-    floors: list[float] = []
+    floors: list[dict[str, float]] = []
     with scratch(f"scaling-{shape.name}-k{rank}") as tmp:
         r = Run(shape, rank, tmp)
         for _ in range(BUILD_CHECKPOINTS):
             r.ingest(max(threads))
         for rnd in range(rounds):
-            floors.append(r.floor())
+            floors.append(r.floor(at_once))
             order = threads[rnd % len(threads) :] + threads[: rnd % len(threads)]
             for n in order:
                 while r.next_is_anchor():  # an anchor checkpoint: not counted
@@ -185,7 +197,8 @@ def run(shape: ModelShape, rank: int, threads: list[int], rounds: int, equality:
         "model": shape.name,
         "rank": rank,
         "records": records,
-        "floor_s": statistics.median(floors),
+        "floor_s": statistics.median(f["floor_s"] for f in floors),
+        "at_once_s": statistics.median(f["at_once_s"] for f in floors) if at_once else None,
         "largest_share": shape.largest / shape.params,
         "differ": differ,
         "peak_rss": vm_hwm_bytes(),
@@ -200,17 +213,19 @@ def report(result: dict[str, Any]) -> str:
         by_n.setdefault(rec["threads"], []).append(rec)
     med = {n: statistics.median(x["seconds"] for x in rs) for n, rs in sorted(by_n.items())}
     one = med.get(1)
+    at_once = result.get("at_once_s")
     rows = [
         [result["model"], result["rank"], n, len(by_n[n]), s,
          min(x["seconds"] for x in by_n[n]), max(x["seconds"] for x in by_n[n]),
          statistics.median(x["cpu_s"] for x in by_n[n]),
          one / s if one else None, min(n, result["cores"], 1 / result["largest_share"]),
-         s / result["floor_s"]]
+         s / result["floor_s"], *([s / at_once] if at_once else [])]
         for n, s in med.items()
     ]  # fmt: skip
     table = markdown_table(
         ["model", "rank", "workers", "ingests", "median s", "min s", "max s", "median CPU s",
-         "speed-up vs 1", "bound: min(N, cores, 1 / largest share)", "ingest / floor"],
+         "speed-up vs 1", "bound: min(N, cores, 1 / largest share)", "ingest / floor",
+         *(["ingest / read and write at once"] if at_once else [])],
         rows,
     )  # fmt: skip
     differ = result["differ"]
@@ -223,7 +238,9 @@ def report(result: dict[str, Any]) -> str:
     )
     return (
         f"{table}\n\nHost: {result['cores']} cores usable. Floor (median of the rounds): "
-        f"{result['floor_s']:.2f} s. Largest tensor: {result['largest_share']:.1%} of the elements. "
+        f"{result['floor_s']:.2f} s"
+        + (f"; reads and write at once, old sketch from the disk: {at_once:.2f} s" if at_once else "")
+        + f". Largest tensor: {result['largest_share']:.1%} of the elements. "
         f"State after one more checkpoint, 1 vs {max(by_n)} workers: {equal}. Peak RSS of the "
         f"process: {result['peak_rss'] / MB:.0f} MB ({result['peak_rss'] / result['largest_f32']:.2f}× the "
         f"largest tensor in float32; the synthetic writer's buffers included)."
@@ -238,10 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--layers", type=int, help="the model's shapes with fewer layers (a quick run)")
     p.add_argument("--no-equality", action="store_true", help="skip the 1-vs-most-workers state check")
+    p.add_argument(
+        "--at-once",
+        action="store_true",
+        help="also time the floor's reads and write at once, the old sketch read from the disk "
+        "(a state that outgrows the page cache)",
+    )
     a = p.parse_args(argv)
     start = time.perf_counter()
     shape = MODELS[a.model].smaller(a.layers) if a.layers else MODELS[a.model]
-    result = run(shape, a.rank, sorted(set(a.threads)), a.rounds, not a.no_equality)
+    result = run(shape, a.rank, sorted(set(a.threads)), a.rounds, not a.no_equality, a.at_once)
     print(report(result))
     print(f"\n_{time.perf_counter() - start:.0f} s in all._")
 

@@ -21,14 +21,13 @@ Run alone: ``python -m bench.spare [--model 0.5b] [--rank 2] [--pairs 4]``.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.common import markdown_table, plain_read
+from bench.common import evict, markdown_table, plain_read
 from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, Config, ingest_child
 from bench.synthetic import ModelShape, Trajectory, steps_irregular
@@ -39,15 +38,6 @@ from relexd.state.store import SKETCH_FILE, SPARE_DIR
 CASES = ("spare, cached", "spare, evicted", "no spare")
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages are not dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _trial(case: str, state: Path, work: Path, base: Path, ckpt: Path, step: int, rank: int) -> float:
     copy = work / "copy"
     shutil.rmtree(copy, ignore_errors=True)
@@ -56,7 +46,7 @@ def _trial(case: str, state: Path, work: Path, base: Path, ckpt: Path, step: int
     if case == "no spare":
         spare.unlink()
     elif case == "spare, evicted":
-        _evict(spare)
+        evict(spare)
     plain_read([ckpt / "model.safetensors", base / "model.safetensors"])
     config = Config("now", default_workers(), spare=case != "no spare")
     return float(ingest_child(config, None, copy, base, ckpt, step, rank)["ingest_s"])
