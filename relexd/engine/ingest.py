@@ -264,7 +264,7 @@ def run_tensors(
         if on_tensor is not None:
             on_tensor(name, work.base.reader.info(name).numel)
 
-    costs = {n: task_bytes(work.base.reader.info(n).numel, work.config.width) for n in names}
+    costs = {n: work.task_bytes(n) for n in names}
     return pool.run(costs, task, done, reverse_ties=work.observed % 2 == 1)
 
 
@@ -413,6 +413,10 @@ class CheckpointPass:
         #: better cached: at 1.5B rank 1 direct writes made the next ingest read it from the disk
         #: (6.3 GB) and took 6.96 s against 6.51 (bench/results/full/page-cache-1.5b-r1-direct.md)
         self.write_direct = False
+        #: read the old sketch around the page cache too, where :attr:`write_direct` wrote it so
+        #: (decided with it), into columns a task keeps from pass 1 to pass 2 (:meth:`keeps_columns`)
+        self.read_direct = False
+        self.largest = max((base.reader.info(n).numel for n in base.tracked), default=0)
 
     def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:
         """Writers of the sketch (and new anchor) rows of ``names``: all tracked tensors into one
@@ -428,6 +432,7 @@ class CheckpointPass:
         specs = {n: (torch.float32, (width, k)) for n, k in sketch_order(numels).items()}
         if isinstance(txn, Transaction):
             self.sketch = txn.sketch_writer(specs, direct=self.write_direct)
+            self.read_direct = self.write_direct
         else:  # a cluster worker's part: direct writes are not measured there, so plain writes
             self.sketch = txn.sketch_writer(specs)
         if self.make_anchor:
@@ -487,6 +492,37 @@ class CheckpointPass:
             self._worker.x = buffer = torch.empty(numel, dtype=torch.float32)
         return buffer
 
+    def keeps_columns(self, name: str) -> bool:
+        """Whether tensor ``name``'s task reads its old basis once, around the page cache, and
+        keeps it from pass 1 to pass 2 instead of reading it twice through the cache.
+
+        Where: the old sketch was written around the page cache (:attr:`read_direct`), so reading
+        it through the cache costs the kernel a page found and a copy per page read, for pages
+        read by pass 2 once more and then dropped. Only for tensors whose task, with the kept
+        basis (1 + width floats per element), holds no more than the largest tensor's task without
+        (1 float per element): the peak memory per worker stays what it was. At 1.5B that is every
+        tensor but the embedding (85 % of the sketch)."""
+        if not self.read_direct or self.old_sketch is None:
+            return False
+        numel = self.base.reader.info(name).numel
+        width = self.config.width
+        return (1 + width) * numel <= self.largest and self.old_sketch.direct_readable(name, width)
+
+    def task_bytes(self, name: str) -> int:
+        """Memory the task of tensor ``name`` holds (:func:`task_bytes`, plus its kept columns)."""
+        numel, width = self.base.reader.info(name).numel, self.config.width
+        return task_bytes(numel, width) + (4 * width * numel if self.keeps_columns(name) else 0)
+
+    def _kept_buffer(self, width: int, numel: int) -> torch.Tensor:
+        """This worker's aligned buffer for ``width`` × ``numel`` kept columns (reused as
+        :meth:`_delta_buffer` is)."""
+        need = width * numel
+        buffer: torch.Tensor | None = getattr(self._worker, "kept", None)
+        if buffer is None or not need <= buffer.numel() <= 2 * need:
+            self._worker.kept = buffer = None
+            self._worker.kept = buffer = aligned_empty((need,), torch.float32)
+        return buffer[:need].view(width, numel)
+
     def _chunk_buffers(self) -> _ChunkBuffers:
         """This worker's chunk buffers, made once per checkpoint and reused for every tensor it
         computes (fresh multi-MB buffers per tensor page-faulted on first touch: ~5 % of an ingest's
@@ -496,12 +532,12 @@ class CheckpointPass:
             self._worker.chunk = buffers = _ChunkBuffers.make(self.config.width, CHUNK_ELEMS)
         return buffers
 
-    def _prefetch(self, name: str, span: Span | None, *, anchors: bool = True) -> None:
+    def _prefetch(self, name: str, span: Span | None, *, anchors: bool = True, sketch: bool = True) -> None:
         """Start reading the state's bytes of ``span`` (the next chunk) while this one computes:
-        the old sketch's, and the scored anchors' unless ``anchors`` is False."""
+        the old sketch's unless ``sketch`` is False, and the scored anchors' unless ``anchors`` is."""
         if span is None:
             return
-        if self.old_sketch is not None:
+        if sketch and self.old_sketch is not None:
             self.old_sketch.prefetch(name, *span)
         for f in self.anchor_files.values() if anchors else ():
             f.prefetch(f"v/{name}", *span)
@@ -516,7 +552,8 @@ class CheckpointPass:
         the state outgrows the page cache (:mod:`relexd.engine.page_cache`), each chunk of the old
         basis leaves it once pass 2 has read it (:meth:`SketchFile.release`), and where even the
         rest outgrows it the new columns are written around it (``O_DIRECT``:
-        :attr:`write_direct`)."""
+        :attr:`write_direct`) and the old basis of every tensor but the largest is read around it
+        too, once, and kept for pass 2 (:meth:`keeps_columns`)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
@@ -528,7 +565,11 @@ class CheckpointPass:
         # a checkpoint whose reader caches assembled tensors is read whole, by one task at a time,
         # before the pass; any other is read chunk by chunk inside it
         fused = self.ckpt.concurrent_reads
-        self._prefetch(name, first)
+        if self.keeps_columns(name):
+            kept: torch.Tensor | None = self._kept_buffer(width, numel)
+        else:  # freed: a task that keeps nothing (the largest) must not hold another's kept basis
+            kept = self._worker.kept = None
+        self._prefetch(name, first, sketch=kept is None)
         if not fused:
             with self._read_lock:
                 read_delta(self.base, self.ckpt, name, stop, x, buf.scratch, buf.raw)
@@ -541,13 +582,19 @@ class CheckpointPass:
         def as_f32(v: torch.Tensor) -> torch.Tensor:
             return buf.scratch[: v.numel()].copy_(v)
 
+        def old_columns(i: int, j: int) -> torch.Tensor:
+            """The old basis of elements [i, j): kept (read by pass 1), or read again."""
+            return kept[:, i:j] if kept is not None else self._old_columns(name, i, j, buf.old)
+
         dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a
         for (i, j), nxt in with_next(chunks):
             stop()
-            self._prefetch(name, nxt)
+            self._prefetch(name, nxt, sketch=kept is None)
             if fused:
                 read_delta_range(self.base, self.ckpt, name, i, j, x[i:j], buf.scratch, buf.raw)
-            upd.accumulate(self._old_columns(name, i, j, buf.old), x[i:j])
+            if kept is not None and self.old_sketch is not None:
+                self.old_sketch.columns(name, i, j, kept[:, i:j], direct=True)
+            upd.accumulate(old_columns(i, j), x[i:j])
             for a, f in self.anchor_files.items():
                 v_a = as_f32(f.read_range(f"v/{name}", i, j, buf.raw))
                 dots[a][0] += float(torch.dot(x[i:j], v_a))
@@ -555,23 +602,23 @@ class CheckpointPass:
                 dots[a][1] += float(torch.dot(x[i:j], x_a))
         check_finite(self.base, self.ckpt, name, x, upd.xsq)
         if upd.exact_residual_needed():
-            bytes_read += sketch_bytes
+            bytes_read += sketch_bytes if kept is None else 0
             for i, j in chunks:
                 stop()
-                upd.accumulate_residual(self._old_columns(name, i, j, buf.old), x[i:j])
+                upd.accumulate_residual(old_columns(i, j), x[i:j])
         new_small = upd.plan()
         fit = fit_line(self.step_tensor, new_small.coefficients, config.window)
 
         assert self.sketch is not None, "open_writers() first"
         a_vsq = a_xsq = 0.0
         adt = config.anchor_torch_dtype
-        bytes_read += sketch_bytes
-        self._prefetch(name, first, anchors=False)
+        bytes_read += sketch_bytes if kept is None else 0
+        self._prefetch(name, first, anchors=False, sketch=kept is None)
         for (i, j), nxt in with_next(chunks):
             stop()
-            self._prefetch(name, nxt, anchors=False)
-            q_new = upd.new_columns(self._old_columns(name, i, j, buf.old), x[i:j], buf.out)
-            if self.drop_replaced and self.old_sketch is not None:
+            self._prefetch(name, nxt, anchors=False, sketch=kept is None)
+            q_new = upd.new_columns(old_columns(i, j), x[i:j], buf.out)
+            if self.drop_replaced and self.old_sketch is not None and kept is None:
                 self.old_sketch.release(name, i, j)  # read for the last time
             for c in range(width):
                 self.sketch.write(name, c * numel + i, q_new[c])

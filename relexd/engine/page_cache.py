@@ -19,7 +19,10 @@ measured, ingest after ingest on one state with a fresh checkpoint each time (be
   page written is a page the kernel must first find, by evicting another or, on a VM that hands
   freed memory back to its host, by faulting it in (up to 46 s of system CPU per 12.4 GB written
   there, 0.4 s direct: ``python -m bench.direct_io``), and cached pages of it would be evicted
-  before the next ingest read them anyway.
+  before the next ingest read them anyway. The old sketch, written so by the ingest before, is
+  then read around the page cache as well, once, by every task that can keep its basis from pass
+  1 to pass 2 within the largest task's memory (all but the embedding): 1.15× faster at 1.5B rank
+  2, 8.2 s of system CPU per ingest instead of 13.7 (``bench/results/full/page-cache-1.5b-kept-direct.md``).
 
 "Fits" compares the ingest's working set with the memory the kernel could give the page cache now:
 ``MemAvailable`` (free memory plus reclaimable cache, our own cached state included), capped by

@@ -196,10 +196,19 @@ class SketchFile(Closeable):
         )
 
     def columns(
-        self, name: str, start: int, stop: int, out: torch.Tensor | None = None, count: int | None = None
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        out: torch.Tensor | None = None,
+        count: int | None = None,
+        *,
+        direct: bool = False,
     ) -> torch.Tensor:
         """Elements ``[start, stop)`` of the first ``count`` basis vectors (default: all, width) of
-        tensor ``name``: count × n float32, read into ``out`` (rows contiguous) when given."""
+        tensor ``name``: count × n float32, read into ``out`` (rows contiguous) when given;
+        ``direct``: around the page cache where the rows allow it
+        (:meth:`SafetensorsFile.read_range`)."""
         file = self._files.file(name)
         shape = file.info(name).shape
         n = stop - start
@@ -211,8 +220,23 @@ class SketchFile(Closeable):
         if out is None:
             out = torch.empty(width, n, dtype=torch.float32)
         for c, (first, last) in enumerate(self._ranges(file, name, start, stop)[:width]):
-            file.read_range(name, first, last, out[c, :n])  # in place
+            file.read_range(name, first, last, out[c, :n], direct=direct)  # in place
         return out[:width, :n]
+
+    def direct_readable(self, name: str, width: int) -> bool:
+        """Whether every chunk of ``name``'s ``width`` basis vectors can be read around the page
+        cache into an aligned buffer of the same layout: column-major, stored at an aligned
+        offset, each vector a whole number of :data:`DIRECT_ALIGN` bytes (the large matrices:
+        :func:`relexd.engine.ingest.sketch_order` stores them first, aligned)."""
+        if not self.column_major:
+            return False
+        info = self._files.file(name).info(name)
+        return (
+            info.shape[0] == width
+            and info.dtype == torch.float32
+            and not info.start % DIRECT_ALIGN
+            and not (4 * info.shape[1]) % DIRECT_ALIGN
+        )
 
     def _ranges(
         self, file: SafetensorsFile, name: str, start: int, stop: int | None

@@ -116,6 +116,47 @@ def test_reading_the_delta_inside_pass_1_changes_nothing(
     )
 
 
+def test_reading_the_old_basis_around_the_page_cache_changes_nothing(
+    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the state outgrows the page cache, the tensors whose task may keep their old basis
+    read it once, with O_DIRECT, and keep it from pass 1 to pass 2 instead of reading it twice
+    through the cache. The committed state is the one of the cached path bit for bit; only the
+    bytes the engine counts as read differ (one pass over the kept bases instead of two). Chunks of
+    1024 elements make the kept tensors span several chunks."""
+    from relexd.engine import ingest as ingest_module
+    from relexd.io.safetensors_file import SafetensorsFile
+
+    root, base = run
+    monkeypatch.setattr(ingest_module, "CHUNK_ELEMS", 1024)
+    _follow(root, base, tmp_path / "cached", 2, EngineConfig())
+    direct = {"reads": 0}
+    pread_direct = SafetensorsFile._pread_direct
+
+    def counting(self: SafetensorsFile, into: memoryview, offset: int) -> bool:
+        done = pread_direct(self, into, offset)
+        direct["reads"] += done
+        return done
+
+    monkeypatch.setattr(SafetensorsFile, "_pread_direct", counting)
+    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)  # nothing fits
+    _follow(root, base, tmp_path / "direct", 2, EngineConfig())
+    if not direct["reads"]:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT reads (tmpfs?)")
+    # 6 layers × (up_proj + q_proj) × 2 basis vectors × 4 chunks of 1024 (q_proj) or 6 (up_proj)
+    # per checkpoint after the first
+    assert direct["reads"] == (len(STEPS) - 1) * 6 * 2 * (4 + 6)
+    (meta_a, arrays_a), (meta_b, arrays_b) = _committed(tmp_path / "cached"), _committed(tmp_path / "direct")
+    read_a = [rec.pop("bytes") for rec in meta_a["history"]]
+    read_b = [rec.pop("bytes") for rec in meta_b["history"]]
+    kept_basis = 6 * 2 * (96 * 64 + 64 * 64) * 4  # one pass over the kept tensors' bases
+    assert [a - b for a, b in zip(read_a, read_b, strict=True)] == [0] + [kept_basis] * (len(STEPS) - 1)
+    assert meta_a["forecasts"] and meta_a == meta_b
+    assert sorted(arrays_a) == sorted(arrays_b) and all(
+        torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a
+    )
+
+
 def test_a_tensor_without_elements_is_followed_too(tmp_path: Path) -> None:
     """A zero-element tensor (allowed by safetensors; a model may carry one) has no chunk to read
     or prefetch: it is tracked as never moving."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from pathlib import Path
 
 
@@ -22,3 +23,13 @@ def resident_pages(path: Path) -> list[bool]:
         finally:
             del anchor
     return [bool(b & 1) for b in vec]
+
+
+def evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (written back first: dirty pages stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

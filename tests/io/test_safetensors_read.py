@@ -102,3 +102,68 @@ def test_closed_file_refuses_reads(path: Path) -> None:
     file.close()
     with pytest.raises(ValueError):
         file.read("f32")
+
+
+def _aligned_file(tmp_path: Path) -> tuple[Path, torch.Tensor]:
+    """A file whose tensor "big" starts 4 KiB-aligned, written with the engine's own writer."""
+    from relexd.io.safetensors_file import DIRECT_ALIGN, PositionalSafetensorsWriter
+
+    big = torch.randn(4, 4096, generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "aligned.safetensors"
+    writer = PositionalSafetensorsWriter(path, {"big": (torch.float32, (4, 4096))}, align=DIRECT_ALIGN)
+    writer.write("big", 0, big)
+    writer.close()
+    return path, big
+
+
+def test_direct_reads_give_the_bytes_of_plain_ones_around_the_page_cache(tmp_path: Path) -> None:
+    """``direct=True`` reads aligned ranges into aligned buffers with O_DIRECT — not through the page
+    cache — and the same bytes as a plain read; an unaligned range or buffer is read plainly."""
+    from relexd.io.safetensors_file import aligned_empty
+    from tests.io.page_cache import evict, resident_pages
+
+    path, big = _aligned_file(tmp_path)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    evict(path)
+    flat = big.reshape(-1)
+    with SafetensorsFile(path) as f:
+        start = f.info("big").start
+        out = aligned_empty((8192,), torch.float32)
+        assert torch.equal(f.read_range("big", 4096, 12288, out, direct=True), flat[4096:12288])
+        pages = resident_pages(path)[start // 4096 :]
+        assert not any(pages[4:12]), "a direct read went through the page cache"
+        unaligned = torch.empty(8193, dtype=torch.float32)[1:]  # the buffer, 4 bytes off
+        assert torch.equal(f.read_range("big", 0, 8192, unaligned, direct=True), flat[:8192])
+        assert torch.equal(f.read_range("big", 1, 1025, out, direct=True), flat[1:1025])  # the range
+        assert any(resident_pages(path)[start // 4096 :][:4]), "the plain reads bypassed the cache?"
+
+
+def test_a_device_refusing_direct_reads_falls_back_to_plain_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL from an O_DIRECT read (a device with larger blocks than 4 KiB) is no error: that read
+    and all later ones are plain."""
+    import errno
+
+    from relexd.io.safetensors_file import aligned_empty
+
+    path, big = _aligned_file(tmp_path)
+    real_preadv, calls = os.preadv, {"direct": 0}
+    with SafetensorsFile(path) as f:
+        if f._direct_descriptor() is None:
+            pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+
+        def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if fd == f._direct_fd:
+                calls["direct"] += 1
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        out = aligned_empty((4096,), torch.float32)
+        for _ in range(2):
+            assert torch.equal(f.read_range("big", 4096, 8192, out, direct=True), big[1])
+        assert calls["direct"] == 1

@@ -15,7 +15,7 @@ from relexd.engine import Engine, EngineConfig
 from relexd.errors import CheckpointError
 from relexd.state.store import SKETCH_FILE, SPARE_DIR, read_snapshot
 from tests.engine.planted import Planted, write_hf_checkpoint
-from tests.io.page_cache import resident_pages
+from tests.io.page_cache import evict, resident_pages
 
 STEPS = (10, 20, 30, 40, 50)
 
@@ -211,12 +211,7 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
     base = write_hf_checkpoint(tmp_path / "base", planted.base)
     probe = tmp_path / "probe"
     probe.write_bytes(os.urandom(1 << 20))
-    fd = os.open(probe, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(probe)
     if any(resident_pages(probe)):
         pytest.skip(f"the file system of {tmp_path} keeps pages it is told to drop (tmpfs?)")
 
