@@ -559,16 +559,16 @@ class CheckpointPass:
         stored = self.ckpt.info(name)
         numel = stored.numel
         buf = self._chunk_buffers()
+        keeps = self.keeps_columns(name)
+        if not keeps:  # freed first: the largest task must not hold another's kept basis too
+            self._worker.kept = None
         x = self._delta_buffer(numel)[:numel]
+        kept = self._kept_buffer(width, numel) if keeps else None
         chunks = list(spans(numel, CHUNK_ELEMS))
         first = chunks[0] if chunks else None  # none for a tensor without elements
         # a checkpoint whose reader caches assembled tensors is read whole, by one task at a time,
         # before the pass; any other is read chunk by chunk inside it
         fused = self.ckpt.concurrent_reads
-        if self.keeps_columns(name):
-            kept: torch.Tensor | None = self._kept_buffer(width, numel)
-        else:  # freed: a task that keeps nothing (the largest) must not hold another's kept basis
-            kept = self._worker.kept = None
         self._prefetch(name, first, sketch=kept is None)
         if not fused:
             with self._read_lock:
