@@ -49,11 +49,11 @@ from typing import Any
 
 from bench.common import GB, MB, evict, markdown_table, plain_read
 from bench.common import scratch_dir as scratch
-from bench.synthetic import QWEN25_05B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
+from bench.synthetic import QWEN25_05B, QWEN25_7B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
 from relexd.engine.config import DEFAULT_RANK, default_workers
 from relexd.math.confidence import is_anchor_count
 
-MODELS = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+MODELS = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
 REPO = Path(__file__).resolve().parents[1]
 #: the engine before issue 12 (one thread, row-major sketch, three passes, pread everywhere)
 BEFORE_REV = "95ab9ab"

@@ -1,11 +1,12 @@
-"""Synthetic checkpoints with the tensor shapes of Qwen2.5-0.5B and Qwen2.5-1.5B.
+"""Synthetic checkpoints with the tensor shapes of Qwen2.5-0.5B, -1.5B and -7B.
 
 A run is a planted trajectory per tensor, θ_s = θ₀ + (a + b·s)·u + noise·ε_s, stored in bfloat16:
 θ₀ and u are drawn once from per-tensor seeded generators and kept on disk (``base`` and
 ``direction``); a checkpoint then costs one read of each plus one fresh normal draw per element.
 Everything is written tensor by tensor and in chunks with relexd's streaming writer, so a 3 GB
-model never has to fit in memory. lm_head is tied to the embedding (``tie_word_embeddings``) and,
-as in the real checkpoints, not saved.
+model never has to fit in memory. At 0.5B and 1.5B lm_head is tied to the embedding
+(``tie_word_embeddings``) and, as in the real checkpoints, not saved; the 7B shape has its own, as
+Qwen2.5-7B does (its config.json: ``"tie_word_embeddings": false``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    tied: bool = True  # lm_head is the embedding (not saved) or a tensor of its own
 
     def specs(self) -> dict[str, tuple[int, ...]]:
         """Tensor name → shape, in the order HF writes them."""
@@ -58,6 +60,8 @@ class ModelShape:
                 p + "mlp.down_proj.weight": (h, self.intermediate),
             }
         out["model.norm.weight"] = (h,)
+        if not self.tied:
+            out["lm_head.weight"] = (self.vocab, h)
         return out
 
     @property
@@ -77,6 +81,7 @@ class ModelShape:
 
 QWEN25_05B = ModelShape("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 64, 151936)
 QWEN25_15B = ModelShape("qwen2.5-1.5b", 28, 1536, 8960, 12, 2, 128, 151936)
+QWEN25_7B = ModelShape("qwen2.5-7b", 28, 3584, 18944, 28, 4, 128, 152064, tied=False)
 
 
 def _generator(name: str, salt: int) -> torch.Generator:
@@ -109,7 +114,8 @@ class Trajectory:
                         chunk = torch.empty(min(CHUNK, numel - i)).normal_(0.0, std, generator=g)
                         w.append(name, chunk.to(DTYPE))
         (directory / "direction.safetensors").rename(directory.parent / f"{directory.name}.direction")
-        config = {"model_type": "qwen2", "tie_word_embeddings": True, "bench_shape": self.shape.name}
+        shape = self.shape
+        config = {"model_type": "qwen2", "tie_word_embeddings": shape.tied, "bench_shape": shape.name}
         (directory / "config.json").write_text(json.dumps(config))
         return directory
 
