@@ -31,6 +31,7 @@ import torch
 from bench.common import MB, dir_bytes, markdown_table, scratch_dir
 from bench.synthetic import QWEN25_05B, Trajectory, steps_irregular
 from relexd.io.safetensors_file import SafetensorsFile, StreamingSafetensorsWriter
+from relexd.state.store import SketchFile
 
 F64 = torch.float64
 CHUNK_BYTES = 64 << 20  # float32 bytes of one T × c block
@@ -87,10 +88,10 @@ def relexd_agreement(state: Path, batch_v: dict[str, torch.Tensor]) -> float:
 
     gen = json.loads((state / "CURRENT").read_text())["generation"]
     num = den = 0.0
-    with SafetensorsFile(state / "generations" / gen / "sketch.safetensors") as sk:
+    # SketchFile, not a raw read: it knows the sketch's layout (column-major since issue 12)
+    with SketchFile(state / "generations" / gen / "sketch.safetensors") as sk:
         for n, vb in batch_v.items():
-            width = sk.info(n).shape[1]
-            vr = sk.read(n).reshape(-1, width)[:, 0].to(F64)
+            vr = sk.columns(n, 0, vb.numel(), count=1)[0].to(F64)
             cos = abs(float(vr @ vb.to(F64))) / max(float(vr.norm() * vb.to(F64).norm()), 1e-300)
             num, den = num + cos * vb.numel(), den + vb.numel()
     return num / den
