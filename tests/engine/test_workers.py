@@ -116,8 +116,9 @@ def test_reading_the_delta_inside_pass_1_changes_nothing(
     )
 
 
+@pytest.mark.parametrize("estimator", ["brand", "oja"])
 def test_reading_the_old_basis_around_the_page_cache_changes_nothing(
-    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, estimator: str
 ) -> None:
     """Where the state outgrows the page cache, the tensors whose task may keep their old basis
     read it once, with O_DIRECT, and keep it from pass 1 to pass 2 instead of reading it twice
@@ -129,7 +130,8 @@ def test_reading_the_old_basis_around_the_page_cache_changes_nothing(
 
     root, base = run
     monkeypatch.setattr(ingest_module, "CHUNK_ELEMS", 1024)
-    _follow(root, base, tmp_path / "cached", 2, EngineConfig())
+    config = EngineConfig(estimator=estimator)
+    _follow(root, base, tmp_path / "cached", 2, config)
     direct = {"reads": 0}
     pread_direct = SafetensorsFile._pread_direct
 
@@ -140,16 +142,16 @@ def test_reading_the_old_basis_around_the_page_cache_changes_nothing(
 
     monkeypatch.setattr(SafetensorsFile, "_pread_direct", counting)
     monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)  # nothing fits
-    _follow(root, base, tmp_path / "direct", 2, EngineConfig())
+    _follow(root, base, tmp_path / "direct", 2, config)
     if not direct["reads"]:
         pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT reads (tmpfs?)")
-    # 6 layers × (up_proj + q_proj) × 2 basis vectors × 4 chunks of 1024 (q_proj) or 6 (up_proj)
+    # 6 layers × (up_proj + q_proj) × the basis vectors × 4 chunks of 1024 (q_proj) or 6 (up_proj)
     # per checkpoint after the first
-    assert direct["reads"] == (len(STEPS) - 1) * 6 * 2 * (4 + 6)
+    assert direct["reads"] == (len(STEPS) - 1) * 6 * config.width * (4 + 6)
     (meta_a, arrays_a), (meta_b, arrays_b) = _committed(tmp_path / "cached"), _committed(tmp_path / "direct")
     read_a = [rec.pop("bytes") for rec in meta_a["history"]]
     read_b = [rec.pop("bytes") for rec in meta_b["history"]]
-    kept_basis = 6 * 2 * (96 * 64 + 64 * 64) * 4  # one pass over the kept tensors' bases
+    kept_basis = 6 * config.width * (96 * 64 + 64 * 64) * 4  # one pass over the kept tensors' bases
     assert [a - b for a, b in zip(read_a, read_b, strict=True)] == [0] + [kept_basis] * (len(STEPS) - 1)
     assert meta_a["forecasts"] and meta_a == meta_b
     assert sorted(arrays_a) == sorted(arrays_b) and all(
