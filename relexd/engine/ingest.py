@@ -482,15 +482,21 @@ class CheckpointPass:
             return torch.zeros(1).expand(self.config.width, j - i)
         return self.old_sketch.columns(name, i, j, out)
 
-    def _delta_buffer(self, numel: int) -> torch.Tensor:
-        """This worker's float32 buffer for a delta of ``numel`` elements. Reused from the previous
-        tensor while at most twice the size needed — a fresh one page-faults on every first touch
-        (~2 ns per element measured) — so a task never holds more than twice what it budgets."""
-        buffer: torch.Tensor | None = getattr(self._worker, "x", None)
+    def _worker_buffer(self, slot: str, numel: int, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """This worker's float32 buffer ``slot`` of at least ``numel`` elements, from ``make``.
+        Reused from the previous tensor while at most twice the size needed — a fresh one
+        page-faults on every first touch (~2 ns per element measured) — so a task never holds more
+        than twice what it budgets."""
+        buffer: torch.Tensor | None = getattr(self._worker, slot, None)
         if buffer is None or not numel <= buffer.numel() <= 2 * numel:
-            self._worker.x = buffer = None  # free before allocating
-            self._worker.x = buffer = torch.empty(numel, dtype=torch.float32)
+            setattr(self._worker, slot, None)  # free before allocating
+            buffer = make(numel)
+            setattr(self._worker, slot, buffer)
         return buffer
+
+    def _delta_buffer(self, numel: int) -> torch.Tensor:
+        """This worker's buffer for a delta of ``numel`` elements (:meth:`_worker_buffer`)."""
+        return self._worker_buffer("x", numel, lambda n: torch.empty(n, dtype=torch.float32))
 
     def keeps_columns(self, name: str) -> bool:
         """Whether tensor ``name``'s task reads its old basis once, around the page cache, and
@@ -514,13 +520,10 @@ class CheckpointPass:
         return task_bytes(numel, width) + (4 * width * numel if self.keeps_columns(name) else 0)
 
     def _kept_buffer(self, width: int, numel: int) -> torch.Tensor:
-        """This worker's aligned buffer for ``width`` × ``numel`` kept columns (reused as
-        :meth:`_delta_buffer` is)."""
+        """This worker's buffer for ``width`` × ``numel`` kept columns, aligned for ``O_DIRECT``
+        (:meth:`_worker_buffer`)."""
         need = width * numel
-        buffer: torch.Tensor | None = getattr(self._worker, "kept", None)
-        if buffer is None or not need <= buffer.numel() <= 2 * need:
-            self._worker.kept = buffer = None
-            self._worker.kept = buffer = aligned_empty((need,), torch.float32)
+        buffer = self._worker_buffer("kept", need, lambda n: aligned_empty((n,), torch.float32))
         return buffer[:need].view(width, numel)
 
     def _chunk_buffers(self) -> _ChunkBuffers:
