@@ -40,9 +40,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -233,12 +233,12 @@ def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: in
     if cold is not None:
         evict(cold)
     path = directory / "write-at-once.bin"
-    reader = threading.Thread(target=plain_read, args=(read_paths,))
-    start = time.perf_counter()
-    reader.start()
-    _write_fsync(path, nbytes, "wb")
-    reader.join()
-    took = time.perf_counter() - start
+    with ThreadPoolExecutor(1) as pool:
+        start = time.perf_counter()
+        reading = pool.submit(plain_read, read_paths)
+        _write_fsync(path, nbytes, "wb")
+        reading.result()  # a failed read raises here instead of passing for a fast one
+        took = time.perf_counter() - start
     path.unlink()
     return took
 
