@@ -9,11 +9,18 @@ tests/engine/test_workers.py):
    base and this state's current sketch, right before the ingest;
 2. the **write floor**: writing and fsync'ing a new file the size of the new sketch, right after
    (1) — and, for comparison (not part of the floor), rewriting that file in place, which is what
-   today's engine does with its spare sketch (:mod:`relexd.state.store`);
+   today's engine does with its spare sketch (:mod:`relexd.state.store`).
+
+   Both leave the page cache as they found it (since 4 Dec, night): a file that was not cached is dropped
+   behind the read, and the written file is synced and dropped every 256 MiB. Before, at 1.5B on
+   this 23.5 GiB VM, the floor's 6–12 GB of reads and writes pushed the base and the anchor out of
+   the page cache, and the ingest right after read them back from the disk (3.6–3.9 GB per steady
+   rank-1 ingest instead of 0.01–0.26 GB, 11–18 s of system CPU instead of ~6): a cost of the
+   measurement, not of the trainer (bench/README.md, "4 Dec, night");
 3. the ingest, in a subprocess per configuration that lives from the first checkpoint to the last
    (its VmHWM is the peak RSS), ``Engine(…, threads=N)`` opened once, exactly as ``relexd
-   extrapolate``/``relexd watch`` hold it: what a process keeps between checkpoints (its tasks'
-   buffers: :mod:`relexd.engine.buffers`) counts as it does for a user. Until 3 Dec each ingest ran
+   extrapolate``/``relexd watch`` hold it: what a process keeps between checkpoints counts as it
+   does for a user. Until 3 Dec each ingest ran
    in a fresh process, which faulted in every buffer anew.
 
 floor = max(read floor, write floor) — issue 12's definition. Anchor checkpoints (the 2nd, 4th, 8th …
@@ -198,26 +205,46 @@ def current_sketch(state: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def _write_fsync(path: Path, nbytes: int, mode: str) -> float:
+#: Bytes written between two ``fdatasync`` calls of a drop-behind write (the cadence of the engine's
+#: own sketch writer, ``PositionalSafetensorsWriter``).
+FLUSH_BYTES = 256 << 20
+
+
+def _write_fsync(path: Path, nbytes: int, mode: str, *, drop_behind: bool = False) -> float:
     """Seconds to write ``nbytes`` of zeros (16 MiB blocks) into ``path`` (opened with ``mode``)
-    and fsync it."""
+    and fsync it. ``drop_behind``: every :data:`FLUSH_BYTES` are synced and dropped from the page
+    cache, so the write takes a few hundred MB of it, not ``nbytes`` of other pages (measured on
+    this VM, ``bench.direct_io``: as fast as one fsync at the end on a full page cache, 16× faster
+    where the memory had just been freed)."""
     block = bytes(16 << 20)
     start = time.perf_counter()
     with open(path, mode, buffering=0) as f:
-        left = nbytes
-        while left > 0:
-            left -= f.write(block[: min(left, len(block))])
+        done = synced = 0
+        while done < nbytes:
+            done += f.write(block[: min(nbytes - done, len(block))])
+            if drop_behind and done - synced >= FLUSH_BYTES:
+                os.fdatasync(f.fileno())
+                os.posix_fadvise(f.fileno(), synced, done - synced, os.POSIX_FADV_DONTNEED)
+                synced = done
         os.fsync(f.fileno())
+        if drop_behind:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return time.perf_counter() - start
 
 
-def write_floor(nbytes: int, directory: Path) -> tuple[float, float]:
-    """Seconds to write and fsync ``nbytes`` into a new file — the sketch's write floor — and then
-    to rewrite that file in place (what the spare sketch costs)."""
+def write_floor(
+    nbytes: int, directory: Path, *, in_place: bool = True, drop_behind: bool = False
+) -> tuple[float, float | None]:
+    """Seconds to write and fsync ``nbytes`` into a new file — the sketch's write floor — and then,
+    with ``in_place``, to rewrite that file in place (what the spare sketch costs; None without).
+    ``drop_behind``: as :func:`_write_fsync`, so the floor leaves the ingest's pages cached."""
     path = directory / "write-floor.bin"
-    took = _write_fsync(path, nbytes, "wb"), _write_fsync(path, nbytes, "r+b")
-    path.unlink()
-    return took
+    try:
+        took = _write_fsync(path, nbytes, "wb", drop_behind=drop_behind)
+        again = _write_fsync(path, nbytes, "r+b", drop_behind=drop_behind) if in_place else None
+    finally:
+        path.unlink(missing_ok=True)
+    return took, again
 
 
 def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: int, directory: Path) -> float:
@@ -235,8 +262,8 @@ def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: in
     path = directory / "write-at-once.bin"
     with ThreadPoolExecutor(1) as pool:
         start = time.perf_counter()
-        reading = pool.submit(plain_read, read_paths)
-        _write_fsync(path, nbytes, "wb")
+        reading = pool.submit(plain_read, read_paths, leave_cache=True)
+        _write_fsync(path, nbytes, "wb", drop_behind=True)
         reading.result()  # a failed read raises here instead of passing for a fast one
         took = time.perf_counter() - start
     path.unlink()
@@ -321,8 +348,8 @@ def run(
                         base / "model.safetensors",
                         *([sketch] if sketch else []),
                     ]
-                    _, read_s = plain_read(files)
-                    write_s, in_place_s = write_floor(sketch_bytes, tmp)
+                    _, read_s = plain_read(files, leave_cache=True)
+                    write_s, in_place_s = write_floor(sketch_bytes, tmp, drop_behind=True)
                     rec = engines[config].ingest(ckpt, step)
                     floor = max(read_s, write_s)
                     record = {

@@ -11,7 +11,9 @@ Every ingest does the same work on a steady checkpoint, so the rows compare N, n
 
 The floor (issue 12's definition: the larger of a plain read of checkpoint + base + old sketch and
 writing + fsync'ing a new file the size of the new sketch) is measured once per round, right before
-its first ingest. With ``--at-once`` the round also times those reads and that write at once, the
+its first ingest, leaving the page cache as it found it (:func:`bench.common.plain_read`,
+:func:`bench.ingest.write_floor`: until 4 Dec, night, it evicted what the ingest then read from disk).
+With ``--at-once`` the round also times those reads and that write at once, the
 old sketch dropped from the page cache first: the I/O of an ingest whose state outgrows the page
 cache, on a disk that must serve both (the floor assumes one that serves them in parallel at full
 speed).
@@ -120,8 +122,8 @@ class Run:
         sketch = current_sketch(self.state)
         files = [self.base / "model.safetensors"] * 2 + ([sketch] if sketch else [])
         nbytes = self.traj.shape.params * self.rank * 4
-        _, read_s = plain_read(files)
-        write_s, _ = write_floor(nbytes, self.tmp)
+        _, read_s = plain_read(files, leave_cache=True)
+        write_s, _ = write_floor(nbytes, self.tmp, in_place=False, drop_behind=True)
         out = {"floor_s": max(read_s, write_s), "read_s": read_s, "write_s": write_s}
         if at_once:
             out["at_once_s"] = read_while_writing(files, sketch, nbytes, self.tmp)
