@@ -8,11 +8,10 @@ tests/engine/test_workers.py):
 1. the **read floor**: a plain sequential read (16 MiB blocks, no parsing) of the checkpoint, the
    base and this state's current sketch, right before the ingest;
 2. the **write floor**: writing and fsync'ing a new file the size of the new sketch, right after
-   (1) — and, for comparison (not part of the floor), rewriting that file in place, which is what
-   today's engine does with its spare sketch (:mod:`relexd.state.store`).
+   (1), with ``O_DIRECT`` (:func:`_write_fsync` says why).
 
-   Both leave the page cache as they found it (since 4 Dec, night): a file that was not cached is dropped
-   behind the read, and the written file is synced and dropped every 256 MiB. Before, at 1.5B on
+   Both leave the page cache as they found it (since 4 Dec, night): a file that was not cached is
+   dropped behind the read, and the write goes around the page cache. Before, at 1.5B on
    this 23.5 GiB VM, the floor's 6–12 GB of reads and writes pushed the base and the anchor out of
    the page cache, and the ingest right after read them back from the disk (3.6–3.9 GB per steady
    rank-1 ingest instead of 0.01–0.26 GB, 11–18 s of system CPU instead of ~6): a cost of the
@@ -41,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -165,7 +166,6 @@ HEADERS = [
     "ingest s",
     "read floor s",
     "write floor s",
-    "in-place write s",
     "ingest / floor",
     "disk read GB",
     "disk write GB",
@@ -205,46 +205,43 @@ def current_sketch(state: Path) -> Path | None:
     return path if path.exists() else None
 
 
-#: Bytes written between two ``fdatasync`` calls of a drop-behind write (the cadence of the engine's
-#: own sketch writer, ``PositionalSafetensorsWriter``).
-FLUSH_BYTES = 256 << 20
+def _write_fsync(path: Path, nbytes: int, *, direct: bool = False) -> float:
+    """Seconds to write ``nbytes`` of zeros (16 MiB blocks) into the new file ``path`` and fsync it.
 
-
-def _write_fsync(path: Path, nbytes: int, mode: str, *, drop_behind: bool = False) -> float:
-    """Seconds to write ``nbytes`` of zeros (16 MiB blocks) into ``path`` (opened with ``mode``)
-    and fsync it. ``drop_behind``: every :data:`FLUSH_BYTES` are synced and dropped from the page
-    cache, so the write takes a few hundred MB of it, not ``nbytes`` of other pages (measured on
-    this VM, ``bench.direct_io``: as fast as one fsync at the end on a full page cache, 16× faster
-    where the memory had just been freed)."""
-    block = bytes(16 << 20)
+    ``direct``: with ``O_DIRECT`` (from a page-aligned buffer; ``nbytes`` rounded up to 4 KiB),
+    around the page cache. Why for the floor: a write through the page cache takes as many pages
+    as it writes, and at 1.5B on this 23.5 GiB VM those were the base's and the anchor's, which the
+    ingest right after then read back from the disk (bench/README.md, "4 Dec, night"). ``O_DIRECT``
+    leaves the page cache alone and was also the fastest way to put a sketch-sized file on this
+    disk (``python -m bench.direct_io``: 2.5 s against 3.5 s for 12.4 GB), so the floor is no
+    easier to meet for it. A file system that refuses ``O_DIRECT`` gets a plain write."""
+    block = mmap.mmap(-1, 16 << 20)  # zeros, page-aligned
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     start = time.perf_counter()
-    with open(path, mode, buffering=0) as f:
-        done = synced = 0
-        while done < nbytes:
-            done += f.write(block[: min(nbytes - done, len(block))])
-            if drop_behind and done - synced >= FLUSH_BYTES:
-                os.fdatasync(f.fileno())
-                os.posix_fadvise(f.fileno(), synced, done - synced, os.POSIX_FADV_DONTNEED)
-                synced = done
-        os.fsync(f.fileno())
-        if drop_behind:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        fd = os.open(path, flags | os.O_DIRECT) if direct else os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fd, direct = os.open(path, flags), False
+    try:
+        left = -(-nbytes // 4096) * 4096 if direct else nbytes
+        while left > 0:
+            left -= os.write(fd, memoryview(block)[: min(left, len(block))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return time.perf_counter() - start
 
 
-def write_floor(
-    nbytes: int, directory: Path, *, in_place: bool = True, drop_behind: bool = False
-) -> tuple[float, float | None]:
-    """Seconds to write and fsync ``nbytes`` into a new file — the sketch's write floor — and then,
-    with ``in_place``, to rewrite that file in place (what the spare sketch costs; None without).
-    ``drop_behind``: as :func:`_write_fsync`, so the floor leaves the ingest's pages cached."""
+def write_floor(nbytes: int, directory: Path) -> float:
+    """Seconds to write and fsync ``nbytes`` into a new file — the sketch's write floor — with
+    ``O_DIRECT`` (:func:`_write_fsync`: the floor leaves the page cache as it found it)."""
     path = directory / "write-floor.bin"
     try:
-        took = _write_fsync(path, nbytes, "wb", drop_behind=drop_behind)
-        again = _write_fsync(path, nbytes, "r+b", drop_behind=drop_behind) if in_place else None
+        return _write_fsync(path, nbytes, direct=True)
     finally:
         path.unlink(missing_ok=True)
-    return took, again
 
 
 def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: int, directory: Path) -> float:
@@ -263,7 +260,7 @@ def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: in
     with ThreadPoolExecutor(1) as pool:
         start = time.perf_counter()
         reading = pool.submit(plain_read, read_paths, leave_cache=True)
-        _write_fsync(path, nbytes, "wb", drop_behind=True)
+        _write_fsync(path, nbytes, direct=True)
         reading.result()  # a failed read raises here instead of passing for a fast one
         took = time.perf_counter() - start
     path.unlink()
@@ -349,7 +346,7 @@ def run(
                         *([sketch] if sketch else []),
                     ]
                     _, read_s = plain_read(files, leave_cache=True)
-                    write_s, in_place_s = write_floor(sketch_bytes, tmp, drop_behind=True)
+                    write_s = write_floor(sketch_bytes, tmp)
                     rec = engines[config].ingest(ckpt, step)
                     floor = max(read_s, write_s)
                     record = {
@@ -358,14 +355,13 @@ def run(
                         "anchor": anchor,
                         "ingest_s": rec["ingest_s"],
                         "floor_s": floor,
-                        "in_place_floor_s": max(read_s, in_place_s),
                         "vm_hwm": rec["vm_hwm"],
                     }
                     records.append(record)
                     rows.append(
                         [
                             shape.name, rank, config.label, config.threads, n, "yes" if anchor else "",
-                            rec["ingest_s"], read_s, write_s, in_place_s, rec["ingest_s"] / floor,
+                            rec["ingest_s"], read_s, write_s, rec["ingest_s"] / floor,
                             rec["disk_read"] / GB, rec["disk_write"] / GB,
                             rec["vm_hwm"] / MB, rec["vm_hwm"] / largest_f32,
                         ]
@@ -417,7 +413,6 @@ def summary_rows(result: dict[str, Any], siblings: Sequence[dict[str, Any]] = ()
     out = []
     for config, rs in by_config.items():
         floor = sum(r["floor_s"] for r in rs) / len(rs)
-        in_place = sum(r["in_place_floor_s"] for r in rs) / len(rs)
         before = mean_of(config, engine="before", threads=1)
         one = mean_of(config, threads=1)
         no_spare = mean_of(config, spare=False) if config.engine == "now" else None
@@ -427,7 +422,7 @@ def summary_rows(result: dict[str, Any], siblings: Sequence[dict[str, Any]] = ()
         out.append(
             [
                 result["model"], result["rank"], config.label, config.threads, len(rs), mean[config], floor,
-                mean[config] / floor, in_place, mean[config] / in_place, ratio["before"], ratio["one"],
+                mean[config] / floor, ratio["before"], ratio["one"],
                 ratio["no_spare"], peak / MB, peak / result["largest_f32"],
             ]
         )  # fmt: skip
@@ -443,8 +438,6 @@ SUMMARY = [
     "mean ingest s",
     "mean floor s",
     "ingest / floor",
-    "mean in-place floor s",
-    "ingest / in-place floor",
     "speed-up vs before",
     "speed-up vs 1 thread",
     "speed-up vs no spare",

@@ -123,7 +123,7 @@ class Run:
         files = [self.base / "model.safetensors"] * 2 + ([sketch] if sketch else [])
         nbytes = self.traj.shape.params * self.rank * 4
         _, read_s = plain_read(files, leave_cache=True)
-        write_s, _ = write_floor(nbytes, self.tmp, in_place=False, drop_behind=True)
+        write_s = write_floor(nbytes, self.tmp)
         out = {"floor_s": max(read_s, write_s), "read_s": read_s, "write_s": write_s}
         if at_once:
             out["at_once_s"] = read_while_writing(files, sketch, nbytes, self.tmp)
