@@ -43,7 +43,15 @@ from relexd.math.confidence import (
 )
 from relexd.math.fit import fit_line
 from relexd.math.sketch import SmallState, make_update
-from relexd.state.store import Partition, PartWriters, Snapshot, StateStore, StateWriteError, Transaction
+from relexd.state.store import (
+    AnchorFiles,
+    Partition,
+    PartWriters,
+    Snapshot,
+    StateStore,
+    StateWriteError,
+    Transaction,
+)
 
 if TYPE_CHECKING:
     from relexd.engine.backend import TensorBackend
@@ -480,7 +488,12 @@ class CheckpointPass:
     def _old_columns(self, name: str, i: int, j: int, out: torch.Tensor) -> torch.Tensor:
         if self.old_sketch is None:  # nothing yet: a zero basis, as a view of one zero
             return torch.zeros(1).expand(self.config.width, j - i)
-        return self.old_sketch.columns(name, i, j, out)
+        return self.old_sketch.columns(name, i, j, out, mapped=True)
+
+    def _done_with_columns(self, name: str, i: int, j: int) -> None:
+        """Unmap what :meth:`_old_columns` mapped (:meth:`SketchFile.unmap`)."""
+        if self.old_sketch is not None:
+            self.old_sketch.unmap(name, i, j)
 
     def _worker_buffer(self, slot: str, numel: int, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """This worker's float32 buffer ``slot`` of at least ``numel`` elements, from ``make``.
@@ -551,7 +564,10 @@ class CheckpointPass:
         by chunk and takes the products and the anchors' dot products while the chunk is in the
         CPU's cache, an exact residual pass runs only if the products cancel, then pass 2 writes the
         new columns (and the new anchor's vectors) into their places. The next chunk of the state's
-        files is requested from the disk while the current one computes (:meth:`_prefetch`). Where
+        files is requested from the disk while the current one computes (:meth:`_prefetch`); the
+        old basis and the anchors are mapped chunk by chunk rather than copied out of the page
+        cache (:meth:`SafetensorsFile.view_range`: a fifth of a cached ingest's CPU went to those
+        copies) and unmapped after use. Where
         the state outgrows the page cache (:mod:`relexd.engine.page_cache`), each chunk of the old
         basis leaves it once pass 2 has read it (:meth:`SketchFile.release`), and where even the
         rest outgrows it the new columns are written around it (``O_DIRECT``:
@@ -585,6 +601,16 @@ class CheckpointPass:
         def as_f32(v: torch.Tensor) -> torch.Tensor:
             return buf.scratch[: v.numel()].copy_(v)
 
+        def anchor_f32(f: AnchorFiles, key: str, i: int, j: int) -> torch.Tensor:
+            """Elements [i, j) of an anchor's vector in float32, converted from the mapped file
+            (no copy out of the page cache first) or read."""
+            view = f.view_range(key, i, j)
+            if view is None:
+                return as_f32(f.read_range(key, i, j, buf.raw))
+            out = as_f32(view)
+            f.unmap(key, i, j)
+            return out
+
         def old_columns(i: int, j: int) -> torch.Tensor:
             """The old basis of elements [i, j): kept (read by pass 1), or read again."""
             return kept[:, i:j] if kept is not None else self._old_columns(name, i, j, buf.old)
@@ -598,10 +624,12 @@ class CheckpointPass:
             if kept is not None and self.old_sketch is not None:
                 self.old_sketch.columns(name, i, j, kept[:, i:j], direct=True)
             upd.accumulate(old_columns(i, j), x[i:j])
+            if kept is None:
+                self._done_with_columns(name, i, j)
             for a, f in self.anchor_files.items():
-                v_a = as_f32(f.read_range(f"v/{name}", i, j, buf.raw))
+                v_a = anchor_f32(f, f"v/{name}", i, j)
                 dots[a][0] += float(torch.dot(x[i:j], v_a))
-                x_a = as_f32(f.read_range(f"x/{name}", i, j, buf.raw))
+                x_a = anchor_f32(f, f"x/{name}", i, j)
                 dots[a][1] += float(torch.dot(x[i:j], x_a))
         check_finite(self.base, self.ckpt, name, x, upd.xsq)
         if upd.exact_residual_needed():
@@ -609,6 +637,8 @@ class CheckpointPass:
             for i, j in chunks:
                 stop()
                 upd.accumulate_residual(old_columns(i, j), x[i:j])
+                if kept is None:
+                    self._done_with_columns(name, i, j)
         new_small = upd.plan()
         fit = fit_line(self.step_tensor, new_small.coefficients, config.window)
 
@@ -621,8 +651,10 @@ class CheckpointPass:
             stop()
             self._prefetch(name, nxt, anchors=False, sketch=kept is None)
             q_new = upd.new_columns(old_columns(i, j), x[i:j], buf.out)
-            if self.drop_replaced and self.old_sketch is not None and kept is None:
-                self.old_sketch.release(name, i, j)  # read for the last time
+            if kept is None:
+                self._done_with_columns(name, i, j)
+                if self.drop_replaced and self.old_sketch is not None:
+                    self.old_sketch.release(name, i, j)  # read for the last time
             for c in range(width):
                 self.sketch.write(name, c * numel + i, q_new[c])
             if self.anchor_v is not None and self.anchor_x is not None:

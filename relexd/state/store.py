@@ -164,7 +164,7 @@ class _Files(Closeable):
         self.parts: list[SafetensorsFile] = []
         try:
             for path in paths:
-                self.parts.append(SafetensorsFile(path))
+                self.parts.append(SafetensorsFile(path, mapped=True))  # our own: never truncated
         except BaseException:
             self.close()
             raise
@@ -184,9 +184,10 @@ class _Files(Closeable):
 class SketchFile(Closeable):
     """One generation's sketch (one file, or one per part), read as column chunks.
 
-    Plain reads into the caller's reused buffer, not a memory mapping: mapped reads of a sketch
-    that is not in the page cache (the normal case from 1.5B parameters on: the state outgrows
-    RAM) fault it in a few pages at a time, and measured slower than the whole old engine.
+    Plain reads into the caller's reused buffer by default. Mapped chunks (``columns(mapped=True)``)
+    only where the ingest reads through the page cache anyway, each chunk's pages populated at once
+    (:meth:`SafetensorsFile.view_range`): a mapping faulted in a few pages at a time, on a sketch
+    not in the page cache (from 1.5B parameters on here), measured slower than the whole old engine.
     """
 
     def __init__(self, paths: Path | list[Path]) -> None:
@@ -204,11 +205,13 @@ class SketchFile(Closeable):
         count: int | None = None,
         *,
         direct: bool = False,
+        mapped: bool = False,
     ) -> torch.Tensor:
         """Elements ``[start, stop)`` of the first ``count`` basis vectors (default: all, width) of
         tensor ``name``: count × n float32, read into ``out`` (rows contiguous) when given;
         ``direct``: around the page cache where the rows allow it
-        (:meth:`SafetensorsFile.read_range`)."""
+        (:meth:`SafetensorsFile.read_range`); ``mapped``: a view of the mapped file where it can
+        be mapped (rows ``numel`` apart; :meth:`unmap` it once used), read into ``out`` otherwise."""
         file = self._files.file(name)
         shape = file.info(name).shape
         n = stop - start
@@ -217,11 +220,23 @@ class SketchFile(Closeable):
             rows = file.read_range(name, start * width, stop * width).reshape(n, width)
             return rows.T.contiguous()  # products on strided rows measured 50× less accurate
         width = shape[0] if count is None else min(count, shape[0])
+        if mapped and not direct:
+            view = file.view_range(name, start, stop, rows=width, row_stride=shape[1])
+            if view is not None:
+                return view
         if out is None:
             out = torch.empty(width, n, dtype=torch.float32)
         for c, (first, last) in enumerate(self._ranges(file, name, start, stop)[:width]):
             file.read_range(name, first, last, out[c, :n], direct=direct)  # in place
         return out[:width, :n]
+
+    def unmap(self, name: str, start: int, stop: int) -> None:
+        """Unmap what ``columns(name, start, stop, mapped=True)`` mapped
+        (:meth:`SafetensorsFile.unmap`); nothing where it was read instead."""
+        if self.column_major:
+            file = self._files.file(name)
+            width, numel = file.info(name).shape
+            file.unmap(name, start, stop, rows=width, row_stride=numel)
 
     def direct_readable(self, name: str, width: int) -> bool:
         """Whether every chunk of ``name``'s ``width`` basis vectors can be read around the page
@@ -305,6 +320,16 @@ class AnchorFiles(Closeable):
     def read_range(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements of "v/<tensor>" or "x/<tensor>", into the byte buffer ``out`` when given."""
         return self._files.file(key).read_range(key, start, stop, out)
+
+    def view_range(self, key: str, start: int, stop: int) -> torch.Tensor | None:
+        """Elements of "v/<tensor>" or "x/<tensor>" as a view of the mapped file (:meth:`unmap` it
+        once used), or None where it is not mapped (:meth:`SafetensorsFile.view_range`)."""
+        view = self._files.file(key).view_range(key, start, stop)
+        return None if view is None else view[0]
+
+    def unmap(self, key: str, start: int, stop: int) -> None:
+        """Unmap what :meth:`view_range` mapped."""
+        self._files.file(key).unmap(key, start, stop)
 
     def prefetch(self, key: str, start: int, stop: int) -> None:
         """Start reading elements ``[start, stop)`` of ``key`` (:meth:`SafetensorsFile.prefetch`)."""

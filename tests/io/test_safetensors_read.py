@@ -167,3 +167,65 @@ def test_a_device_refusing_direct_reads_falls_back_to_plain_ones(
         for _ in range(2):
             assert torch.equal(f.read_range("big", 4096, 8192, out, direct=True), big[1])
         assert calls["direct"] == 1
+
+
+def _mapped_pages() -> int:
+    """Pages of files this process has mapped (RssFile, in pages)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024 // 4096
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_mapped_views_give_the_bytes_of_plain_reads(path: Path) -> None:
+    """``view_range`` (relexd's own state files) returns, in place, what ``read_range`` copies;
+    with ``rows`` it gives rows ``row_stride`` elements apart, as the sketch's basis vectors lie."""
+    reference = _reference(path)
+    with SafetensorsFile(path, mapped=True) as file:
+        for name in ("f32", "bf16", "i64", "u8"):
+            flat = reference[name].reshape(-1)
+            for start, stop in ((0, flat.numel()), (1, 4), (3, flat.numel() - 1)):
+                view = file.view_range(name, start, stop)
+                assert view is not None
+                assert torch.equal(view[0], flat[start:stop]) and torch.equal(
+                    view[0], file.read_range(name, start, stop)
+                )
+                file.unmap(name, start, stop)
+        rows = file.view_range("f32", 2, 5, rows=5, row_stride=7)  # columns 2-4 of a 5 × 7 matrix
+        assert rows is not None and torch.equal(rows, reference["f32"][:, 2:5])
+        with pytest.raises(ValueError, match="outside"):
+            file.view_range("f32", 2, 5, rows=6, row_stride=7)
+    with SafetensorsFile(path) as file:  # not ours to map: a checkpoint
+        assert file.view_range("f32", 0, 3) is None
+
+
+def test_a_mapped_file_cut_short_raises_instead_of_killing_the_process(path: Path) -> None:
+    """A mapped page past the end of the file would raise SIGBUS when touched; the view's pages are
+    populated first, so the read fails with an error naming the file instead."""
+    with SafetensorsFile(path, mapped=True) as file:
+        last = max(file.header.tensors.values(), key=lambda info: info.end)
+        assert file.view_range(last.name, 0, 1) is not None  # mapped while the file was whole
+        file.unmap(last.name, 0, 1)
+        os.truncate(path, 4096 * (last.start // 4096))
+        with pytest.raises(CheckpointError) as caught:
+            file.view_range(last.name, 0, last.numel)
+        assert caught.value.path == path and "cannot be read" in str(caught.value)
+
+
+def test_unmapped_views_leave_no_pages_in_the_process(tmp_path: Path) -> None:
+    """Views are unmapped after use, so the process's RSS holds only the chunks in use, however
+    large the file (here 32 MiB read in 1 MiB chunks)."""
+    file_path = tmp_path / "big.safetensors"
+    save_file({"v": torch.randn(8 << 20)}, file_path)
+    chunk = 256 << 10
+    with SafetensorsFile(file_path, mapped=True) as file:
+        before = _mapped_pages()
+        total = 0.0
+        for start in range(0, 8 << 20, chunk):
+            view = file.view_range("v", start, start + chunk)
+            assert view is not None
+            total += float(view.sum())
+            del view
+            file.unmap("v", start, start + chunk)
+        assert _mapped_pages() - before < (4 << 20) // 4096, "mapped pages of read chunks stayed mapped"
+        assert total == pytest.approx(float(file.read("v").sum()), rel=1e-3, abs=1e-1)
