@@ -485,10 +485,19 @@ class CheckpointPass:
         for f in self.anchor_files.values():
             f.close()
 
+    @property
+    def maps_state(self) -> bool:
+        """Whether the old sketch and the anchors are mapped rather than read
+        (:meth:`SafetensorsFile.view_range`): only where the whole state fits the page cache.
+        Where it does not, mapping made a 1.5B rank-1 ingest slower, not faster (user CPU 33-40 s
+        against 20-23 s, paired: bench/results/full/page-cache-1.5b-r1-mapped.md); not decided
+        (a cluster worker's part): read, as before."""
+        return self.drop_replaced is False
+
     def _old_columns(self, name: str, i: int, j: int, out: torch.Tensor) -> torch.Tensor:
         if self.old_sketch is None:  # nothing yet: a zero basis, as a view of one zero
             return torch.zeros(1).expand(self.config.width, j - i)
-        return self.old_sketch.columns(name, i, j, out, mapped=True)
+        return self.old_sketch.columns(name, i, j, out, mapped=self.maps_state)
 
     def _done_with_columns(self, name: str, i: int, j: int) -> None:
         """Unmap what :meth:`_old_columns` mapped (:meth:`SketchFile.unmap`)."""
@@ -564,10 +573,10 @@ class CheckpointPass:
         by chunk and takes the products and the anchors' dot products while the chunk is in the
         CPU's cache, an exact residual pass runs only if the products cancel, then pass 2 writes the
         new columns (and the new anchor's vectors) into their places. The next chunk of the state's
-        files is requested from the disk while the current one computes (:meth:`_prefetch`); the
-        old basis and the anchors are mapped chunk by chunk rather than copied out of the page
-        cache (:meth:`SafetensorsFile.view_range`: a fifth of a cached ingest's CPU went to those
-        copies) and unmapped after use. Where
+        files is requested from the disk while the current one computes (:meth:`_prefetch`); where
+        the state fits the page cache, the old basis and the anchors are mapped chunk by chunk
+        rather than copied out of it (:attr:`maps_state`: a fifth of a cached ingest's CPU went to
+        those copies) and unmapped after use. Where
         the state outgrows the page cache (:mod:`relexd.engine.page_cache`), each chunk of the old
         basis leaves it once pass 2 has read it (:meth:`SketchFile.release`), and where even the
         rest outgrows it the new columns are written around it (``O_DIRECT``:
@@ -604,7 +613,7 @@ class CheckpointPass:
         def anchor_f32(f: AnchorFiles, key: str, i: int, j: int) -> torch.Tensor:
             """Elements [i, j) of an anchor's vector in float32, converted from the mapped file
             (no copy out of the page cache first) or read."""
-            view = f.view_range(key, i, j)
+            view = f.view_range(key, i, j) if self.maps_state else None
             if view is None:
                 return as_f32(f.read_range(key, i, j, buf.raw))
             out = as_f32(view)

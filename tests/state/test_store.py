@@ -254,3 +254,55 @@ def test_the_replaced_basis_leaves_the_page_cache_when_the_state_outgrows_it(
                 assert pages and not any(pages), "the new basis went through the page cache"
     if fits is not True:
         assert seen == [0, 0], "the big tensor's basis was still cached after its pass"
+
+
+@pytest.mark.parametrize("room", ["fits", "outgrows"])
+def test_the_state_is_mapped_where_it_fits_the_page_cache_and_the_result_is_the_read_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: str
+) -> None:
+    """Where the state fits the page cache the ingest maps the old basis and the scored anchors
+    instead of copying them out of it (``SafetensorsFile.view_range``); where it outgrows it, it
+    reads them, as mapping measured slower there. Either way the committed state is, byte for
+    byte, the state of an ingest that reads everything."""
+    import filecmp
+
+    from relexd.engine import ingest as ingest_module
+    from relexd.io.safetensors_file import SafetensorsFile
+
+    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1 << 50 if room == "fits" else 1 << 10)
+    views: list[str] = []
+    view_range = SafetensorsFile.view_range
+
+    def counted(self: SafetensorsFile, name: str, *args: int, **kwargs: int) -> torch.Tensor | None:
+        views.append(name.split("/")[0] if "/" in name else "sketch")
+        return view_range(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(SafetensorsFile, "view_range", counted)
+    shapes = {
+        "model.embed_tokens.weight": ((512, 64), torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": ((96, 64), torch.float32),
+        "model.norm.weight": ((64,), torch.float32),
+    }
+    planted = Planted.make(shapes, seed=5, a=0.05, b=0.01, noise=0.002)
+    base = write_hf_checkpoint(tmp_path / "base", planted.base)
+    states = {mode: tmp_path / f"state-{mode}" for mode in ("default", "read")}
+    for mode, state in states.items():
+        if mode == "read":
+            monkeypatch.setattr(ingest_module.CheckpointPass, "maps_state", property(lambda self: False))
+        views.clear()
+        with Engine(state, base, EngineConfig(), threads=2) as engine:
+            for step in (10, 20, 30, 40, 50):  # anchors at the 1st, 2nd and 4th: later ones score them
+                checkpoint = write_hf_checkpoint(tmp_path / f"checkpoint-{step}", planted.at(step), step)
+                engine.ingest(checkpoint, step)
+        if mode == "default":
+            if room == "fits":
+                assert {"sketch", "v", "x"} <= set(views), f"not mapped: {sorted(set(views))}"
+            else:
+                assert not views, "mapped although the state outgrows the page cache"
+        else:
+            assert not views
+    sketches = {mode: _sketch(state) for mode, state in states.items()}
+    assert filecmp.cmp(sketches["default"], sketches["read"], shallow=False)
+    for anchor in (states["default"] / "anchors").rglob("*.safetensors"):
+        twin = states["read"] / anchor.relative_to(states["default"])
+        assert filecmp.cmp(anchor, twin, shallow=False), anchor
