@@ -489,9 +489,10 @@ class CheckpointPass:
     def maps_state(self) -> bool:
         """Whether the old sketch and the anchors are mapped rather than read
         (:meth:`SafetensorsFile.view_range`): only where the whole state fits the page cache.
-        Where it does not, mapping made a 1.5B rank-1 ingest slower, not faster (user CPU 33-40 s
-        against 20-23 s, paired: bench/results/full/page-cache-1.5b-r1-mapped.md); not decided
-        (a cluster worker's part): read, as before."""
+        Where it does not, mapping made a 1.5B rank-1 ingest slower, not faster: 1-14 s more user
+        CPU per steady ingest than the reading engine's 12-23 s in the blocks around it, more than
+        the system CPU it saved (paired: bench/results/full/page-cache-1.5b-r1-mapped.md). Not
+        decided (a cluster worker's part): read, as before."""
         return self.drop_replaced is False
 
     def _old_columns(self, name: str, i: int, j: int, out: torch.Tensor) -> torch.Tensor:
