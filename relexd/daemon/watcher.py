@@ -28,9 +28,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-#: File system types on which inotify misses remote writes (DESIGN.md §5).
-POLLING_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "9p"})
-
+from relexd.io.filesystems import fs_type, needs_polling
 
 #: The events that can mean "a checkpoint changed state": a file or directory appears, is renamed
 #: into place, finished being written (close after write) or is deleted (rotation). watchdog turns
@@ -48,35 +46,6 @@ EVENTS = [
     FileDeletedEvent,
     DirDeletedEvent,
 ]
-
-
-def _unescape(field: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as octal."""
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def fs_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
-    """The type of the file system holding ``path`` (longest matching mount point), or None."""
-    target = os.path.realpath(Path(path).absolute())  # resolves the existing part of the path
-    best: tuple[int, str] | None = None
-    try:
-        with open(mounts, encoding="utf-8") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                point, kind = _unescape(parts[1]), parts[2]
-                inside = target == point or target.startswith(point.rstrip("/") + "/")
-                if inside and (best is None or len(point) >= best[0]):
-                    best = (len(point), kind)
-    except OSError:
-        return None
-    return best[1] if best else None
-
-
-def needs_polling(kind: str | None) -> bool:
-    """True for network/cluster file systems and FUSE mounts (s3fs, gcsfuse, sshfs…)."""
-    return kind is not None and (kind in POLLING_FS or kind.startswith("fuse"))
 
 
 def _existing_ancestor(path: Path) -> Path:

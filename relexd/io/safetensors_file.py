@@ -441,7 +441,7 @@ class SafetensorsFile(Closeable):
                     self._map = mmap.mmap(self._descriptor(), self.header.file_size, access=mmap.ACCESS_COPY)
                 except (OSError, ValueError):
                     self._map_refused = True  # e.g. a file system without mmap: plain reads
-            return self._map
+            return None if self._map_refused else self._map
 
     def _madvise(self, m: mmap.mmap, advice: int, offset: int, length: int) -> bool:
         """``madvise`` over the pages holding bytes ``[offset, offset + length)``. False where

@@ -68,6 +68,7 @@ from safetensors.torch import load_file, save_file
 from relexd._closeable import Closeable
 from relexd.errors import StateError
 from relexd.io.atomic import fsync_dir, remove_tree, write_json_atomic
+from relexd.io.filesystems import mapping_is_safe
 from relexd.io.safetensors_file import DIRECT_ALIGN, PositionalSafetensorsWriter, SafetensorsFile
 from relexd.math.sketch import SmallState
 
@@ -163,8 +164,8 @@ class _Files(Closeable):
     def __init__(self, paths: list[Path]) -> None:
         self.parts: list[SafetensorsFile] = []
         try:
-            for path in paths:
-                self.parts.append(SafetensorsFile(path, mapped=True))  # our own: never truncated
+            for path in paths:  # our own files, never truncated; mapped where a page cannot be lost
+                self.parts.append(SafetensorsFile(path, mapped=mapping_is_safe(path)))
         except BaseException:
             self.close()
             raise
@@ -185,7 +186,8 @@ class SketchFile(Closeable):
     """One generation's sketch (one file, or one per part), read as column chunks.
 
     Plain reads into the caller's reused buffer by default. Mapped chunks (``columns(mapped=True)``)
-    only where the ingest reads through the page cache anyway, each chunk's pages populated at once
+    where the engine asks for them (the whole state fits the page cache) and the file system is
+    local (:func:`relexd.io.filesystems.mapping_is_safe`), each chunk's pages populated at once
     (:meth:`SafetensorsFile.view_range`): a mapping faulted in a few pages at a time, on a sketch
     not in the page cache (from 1.5B parameters on here), measured slower than the whole old engine.
     """

@@ -306,3 +306,23 @@ def test_the_state_is_mapped_where_it_fits_the_page_cache_and_the_result_is_the_
     for anchor in (states["default"] / "anchors").rglob("*.safetensors"):
         twin = states["read"] / anchor.relative_to(states["default"])
         assert filecmp.cmp(anchor, twin, shallow=False), anchor
+
+
+def test_a_state_on_a_network_file_system_is_read_not_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN.md §5: mmap on a network file system can SIGBUS. There the sketch's columns are read
+    into the caller's buffer even where the engine asks for a mapping."""
+    from safetensors.torch import save_file
+
+    from relexd.state import store
+
+    path = tmp_path / "sketch.safetensors"
+    save_file({"w": torch.arange(12, dtype=torch.float32).reshape(2, 6)}, path, {"layout": "columns"})
+    for network, mapped in ((False, True), (True, False)):
+        monkeypatch.setattr(store, "mapping_is_safe", lambda p, network=network: not network)
+        with store.SketchFile(path) as sketch:
+            out = torch.empty(2, 6)
+            columns = sketch.columns("w", 1, 4, out, mapped=True)
+            assert torch.equal(columns, torch.tensor([[1.0, 2, 3], [7, 8, 9]]))
+            assert (columns.data_ptr() == out.data_ptr()) is not mapped, "mapped on NFS / read on ext4"
