@@ -276,6 +276,13 @@ def _read_header_fd(fd: int, path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, {info.name: info for info in infos}, metadata, file_size)
 
 
+def _row_bytes(info: TensorInfo, start: int, stop: int, rows: int, row_stride: int) -> list[tuple[int, int]]:
+    """(file offset, byte length) of elements ``[start + r·row_stride, stop + r·row_stride)`` of
+    ``info``'s tensor for each ``r < rows``: the ranges a view maps and later unmaps."""
+    size = info.dtype.itemsize
+    return [(info.start + (start + r * row_stride) * size, (stop - start) * size) for r in range(rows)]
+
+
 def _open_fd(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -409,9 +416,7 @@ class SafetensorsFile(Closeable):
         if m is None or start == stop:
             return None
         itemsize = info.dtype.itemsize
-        for r in range(rows):
-            first = info.start + (start + r * row_stride) * itemsize
-            length = (stop - start) * itemsize
+        for first, length in _row_bytes(info, start, stop, rows, row_stride):
             if not self._madvise(m, _MADV_POPULATE_READ, first, length):
                 return None
         whole = torch.frombuffer(
@@ -426,11 +431,8 @@ class SafetensorsFile(Closeable):
         next touch maps it again from the page cache."""
         if self._map is None or start == stop:
             return
-        info = self.info(name)
-        itemsize = info.dtype.itemsize
-        for r in range(rows):
-            first = info.start + (start + r * row_stride) * itemsize
-            self._madvise(self._map, mmap.MADV_DONTNEED, first, (stop - start) * itemsize)
+        for first, length in _row_bytes(self.info(name), start, stop, rows, row_stride):
+            self._madvise(self._map, mmap.MADV_DONTNEED, first, length)
 
     def _mapping(self) -> mmap.mmap | None:
         with self._direct_lock:
