@@ -11,4 +11,4 @@ bash scripts/install-test-tools.sh
 # every imported package declared, no runtime module importing a test-only one
 .venv/bin/deptry .
 scripts/check-runtime.sh
-.venv/bin/python -m pytest -q
+.venv/bin/python -m pytest -q --durations=25
