@@ -28,7 +28,8 @@ model's elements (at most ~3.6× from any N), 15 % of a 1.5B model's and ~7 % of
 The table prints that bound beside each N.
 
 Run alone: ``python -m bench.scaling [--model 0.5b] [--rank 2] [--threads 1 2 4 8 16] [--rounds 2]
-[--layers L] [--no-equality] [--at-once]``; ``RELEXD_BENCH_SYNTH_THREADS`` sets torch's threads for
+[--layers L] [--no-equality] [--at-once]`` (``--threads 0``: relexd's default, which computes one
+tensor per core where the state fits the page cache); ``RELEXD_BENCH_SYNTH_THREADS`` sets torch's threads for
 writing the synthetic checkpoints (not the engine's: its workers are single-threaded whatever it says).
 """
 
@@ -99,10 +100,11 @@ class Run:
         self, threads: int, state: Path | None = None, ckpt_step: tuple[Path, int] | None = None
     ) -> tuple[float, float]:
         """Ingest the next checkpoint (or ``ckpt_step``) into ``state`` (default: the run's own)
-        with ``threads`` workers, in an engine opened for it; returns (seconds of the ingest, CPU
-        seconds of the process)."""
+        with ``threads`` workers (:data:`DEFAULT`: relexd's default), in an engine opened for it;
+        returns (seconds of the ingest, CPU seconds of the process)."""
         ckpt, step = ckpt_step or self.checkpoint()
-        with Engine(state or self.state, self.base, EngineConfig(rank=self.rank), threads=threads) as engine:
+        workers = None if threads == DEFAULT else threads
+        with Engine(state or self.state, self.base, EngineConfig(rank=self.rank), threads=workers) as engine:
             cpu = _cpu()
             report = engine.ingest(ckpt, step)
             cpu = _cpu() - cpu
@@ -161,10 +163,20 @@ def committed_files_equal(a: Path, b: Path) -> list[str]:
     return differ
 
 
+#: ``--threads 0``: relexd's default, as ``relexd watch`` runs it (a pool of default_workers(), one
+#: task per core computing where the state fits the page cache: relexd.engine.config)
+DEFAULT = 0
+
+
+def label(n: int) -> str:
+    return "default" if n == DEFAULT else str(n)
+
+
 def thread_counts() -> list[int]:
-    """1, 2, 4, 8 … up to every core this process may use, that count itself and the default."""
+    """relexd's default, 1, 2, 4, 8 … up to every core this process may use, that count itself and
+    the default pool size."""
     cores = available_cores()
-    return sorted({1, *(n for n in (2, 4, 8, 16, 32, 64) if n <= cores), cores, default_workers()})
+    return sorted({DEFAULT, 1, *(n for n in (2, 4, 8, 16, 32, 64) if n <= cores), cores, default_workers()})
 
 
 def run(
@@ -184,7 +196,7 @@ def run(
                     r.ingest(max(threads))
                 seconds, cpu = r.ingest(n)
                 records.append({"round": rnd + 1, "threads": n, "seconds": seconds, "cpu_s": cpu})
-                print(f"round {rnd + 1}, {n} workers: {seconds:.2f} s, CPU {cpu:.1f} s", flush=True)
+                print(f"round {rnd + 1}, {label(n)} workers: {seconds:.2f} s, CPU {cpu:.1f} s", flush=True)
         differ: list[str] | None = None
         if equality and max(threads) > 1:
             nxt = r.checkpoint()
@@ -206,6 +218,7 @@ def run(
         "peak_rss": vm_hwm_bytes(),
         "largest_f32": shape.largest * 4,
         "cores": available_cores(),
+        "default": default_workers(),
     }
 
 
@@ -217,10 +230,11 @@ def report(result: dict[str, Any]) -> str:
     one = med.get(1)
     at_once = result.get("at_once_s")
     rows = [
-        [result["model"], result["rank"], n, len(by_n[n]), s,
+        [result["model"], result["rank"], label(n), len(by_n[n]), s,
          min(x["seconds"] for x in by_n[n]), max(x["seconds"] for x in by_n[n]),
          statistics.median(x["cpu_s"] for x in by_n[n]),
-         one / s if one else None, min(n, result["cores"], 1 / result["largest_share"]),
+         one / s if one else None,
+         min(n or result["default"], result["cores"], 1 / result["largest_share"]),
          s / result["floor_s"], *([s / at_once] if at_once else [])]
         for n, s in med.items()
     ]  # fmt: skip
@@ -253,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="0.5b")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK)
-    p.add_argument("--threads", type=int, nargs="+", default=thread_counts())
+    p.add_argument(
+        "--threads", type=int, nargs="+", default=thread_counts(), help="worker counts; 0: relexd's default"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--layers", type=int, help="the model's shapes with fewer layers (a quick run)")
     p.add_argument("--no-equality", action="store_true", help="skip the 1-vs-most-workers state check")

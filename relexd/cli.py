@@ -18,7 +18,7 @@ from relexd import __version__
 from relexd.daemon.cli import register as register_daemon
 from relexd.demo.cli import register as register_demo
 from relexd.engine import DEFAULT_RANK, Engine, EngineConfig
-from relexd.engine.config import BUDGET_HELP, SPARE_HELP, THREADS_HELP, default_workers, parse_size
+from relexd.engine.config import BUDGET_HELP, SPARE_HELP, THREADS_HELP, parse_size
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.layouts import CheckpointRef, scan_run
 from relexd.math.sketch import ESTIMATORS
@@ -135,7 +135,7 @@ def extrapolate(
             state_dir,
             base,
             config,
-            threads=threads or default_workers(),
+            threads=threads,
             memory_budget=budget,
             spare_sketch=spare_sketch,
         ) as engine:

@@ -55,7 +55,6 @@ from relexd.daemon.liveness import Liveness
 from relexd.daemon.missed import Missed, MissedLedger
 from relexd.daemon.watcher import RunWatcher
 from relexd.engine.backend import TensorBackend
-from relexd.engine.config import default_workers
 from relexd.engine.engine import Engine
 from relexd.engine.ingest import IngestReport, Interrupted
 from relexd.engine.preview import MANIFEST, preview_name
@@ -186,7 +185,7 @@ class WatchService:
             s.state_dir,
             s.base,
             s.engine,
-            threads=s.threads or default_workers(),
+            threads=s.threads,
             memory_budget=s.memory_budget,
             backend=self._cluster_backend(),
             spare_sketch=s.spare_sketch,

@@ -56,10 +56,12 @@ class TensorBackend(Closeable):
 
 
 class LocalTensors(TensorBackend):
-    """This host's worker threads: one sketch file, written by the transaction."""
+    """This host's worker threads: one sketch file, written by the transaction. ``cached_in_flight``:
+    tensors computed at once where the state fits the page cache (None: every worker)."""
 
-    def __init__(self, pool: TensorPool) -> None:
+    def __init__(self, pool: TensorPool, cached_in_flight: int | None = None) -> None:
         self.pool = pool
+        self.cached_in_flight = cached_in_flight
 
     def compute(
         self,
@@ -69,7 +71,8 @@ class LocalTensors(TensorBackend):
         on_tensor: Callable[[str, int], None] | None,
     ) -> tuple[dict[str, TensorResult], Partition | None]:
         work.open_writers(txn, work.base.tracked)
-        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor), None
+        in_flight = self.cached_in_flight if work.fits_page_cache else None
+        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor, in_flight), None
 
     def write_preview_files(
         self,

@@ -79,8 +79,9 @@ class EngineConfig:
 
 #: worker threads per core the default takes: a task waiting for the disk leaves its core idle,
 #: and a second task per core fills it. Measured on 2 cores (bench/README.md, "4 Dec"): at 1.5B,
-#: whose state outgrows the page cache, 4 workers took 18.4 s against 25.1 s for 2; at 0.5B, cached,
-#: 2, 3 and 4 workers were equal within the noise (3.9, 3.6 and 4.0 s)
+#: whose state outgrows the page cache, 4 workers took 18.4 s against 25.1 s for 2. Where the state
+#: fits the page cache nothing waits for the disk, and the default runs one task per core
+#: (:func:`cached_in_flight`).
 WORKERS_PER_CORE = 2
 #: the most worker threads the default takes: measured on a 16-core host (bench/README.md, "16
 #: cores"), 0.5B and 1.5B rank-2 ingests were fastest at 4–8 workers and slower at 16 (1.43× and
@@ -90,7 +91,7 @@ MAX_DEFAULT_WORKERS = 8
 #: the help of the two engine options that change speed and memory, never results (both CLIs)
 THREADS_HELP = (
     f"Ingest worker threads, one tensor each (default: {WORKERS_PER_CORE} per core it may use, at "
-    f"most {MAX_DEFAULT_WORKERS})."
+    f"most {MAX_DEFAULT_WORKERS}; one per core while the state fits the page cache)."
 )
 BUDGET_HELP = "Memory the tensors in flight may hold, e.g. 8G (default: no cap beyond --threads)."
 SPARE_HELP = (
@@ -106,6 +107,16 @@ def default_workers() -> int:
     workers were slower than one in two runs of three on 2 cores (bench/README.md, issue 12), so
     there ``--threads 1`` is the advice (README)."""
     return min(WORKERS_PER_CORE * available_cores(), MAX_DEFAULT_WORKERS)
+
+
+def cached_in_flight() -> int:
+    """Tensors the default computes at once where the whole state fits the page cache: one per
+    core, at most :data:`MAX_DEFAULT_WORKERS`. The second worker per core is there to fill the
+    core a task leaves while it waits for the disk; with everything cached no task waits, and a
+    second one only adds switches between threads (~8 % of a cached ingest's CPU went to threads
+    waking each other). Measured on 2 cores at 0.5B (bench/results/full/scaling-cached-default-5dec.md):
+    4 in flight were the slowest in every round, 1.11× at rank 1 and 1.14× at rank 2."""
+    return min(available_cores(), MAX_DEFAULT_WORKERS)
 
 
 def available_cores() -> int:

@@ -16,7 +16,7 @@ import torch
 from relexd._closeable import Closeable
 from relexd.engine.backend import LocalTensors, TensorBackend
 from relexd.engine.base import BaseModel
-from relexd.engine.config import EngineConfig
+from relexd.engine.config import EngineConfig, cached_in_flight, default_workers
 from relexd.engine.ingest import IngestReport, ingest
 from relexd.engine.memory import pin_mmap_threshold
 from relexd.engine.pool import TensorPool
@@ -43,23 +43,29 @@ class Engine(Closeable):
         base_path: Path,
         config: EngineConfig,
         *,
-        threads: int = 1,
+        threads: int | None = 1,
         memory_budget: int | None = None,
         backend: TensorBackend | None = None,
         spare_sketch: bool = True,
     ) -> None:
         """``threads``: worker threads, each computing one tensor at a time on one core
-        (:mod:`relexd.engine.pool`); ``memory_budget``: bytes the tensors in flight may hold;
-        ``backend``: where tensors are computed instead (a cluster's workers, which have their own
-        threads and budget; the engine closes it); ``spare_sketch``: overwrite the replaced
-        generation's sketch file in place instead of a new one (:mod:`relexd.state.store`; cluster
-        workers write part files, which are not recycled). None of them changes the results."""
+        (:mod:`relexd.engine.pool`); None: relexd's default, :func:`default_workers` threads of
+        which :func:`cached_in_flight` compute at once where the state fits the page cache;
+        ``memory_budget``: bytes the tensors in flight may hold; ``backend``: where tensors are
+        computed instead (a cluster's workers, which have their own threads and budget; the engine
+        closes it); ``spare_sketch``: overwrite the replaced generation's sketch file in place
+        instead of a new one (:mod:`relexd.state.store`; cluster workers write part files, which
+        are not recycled). None of them changes the results."""
         pin_mmap_threshold()
-        self.backend = backend or LocalTensors(TensorPool(threads, memory_budget))
+        local = backend is None
+        if backend is None:
+            pool = TensorPool(default_workers() if threads is None else threads, memory_budget)
+            backend = LocalTensors(pool, cached_in_flight() if threads is None else None)
+        self.backend = backend
         self._use_threads()
         self.state_dir = Path(state_dir)
         self.config = config
-        self.store = StateStore(self.state_dir, spare=spare_sketch and backend is None)
+        self.store = StateStore(self.state_dir, spare=spare_sketch and local)
         self.snapshot: Snapshot = self.store.open()
         try:
             self.base = BaseModel.load(Path(base_path))

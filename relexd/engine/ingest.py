@@ -247,9 +247,11 @@ def run_tensors(
     names: Sequence[str],
     should_stop: Callable[[], bool],
     on_tensor: Callable[[str, int], None] | None = None,
+    in_flight: int | None = None,
 ) -> dict[str, TensorResult]:
     """Compute the tensors ``names`` of ``work`` on ``pool``, largest first within the memory
-    budget; the first error in ``names`` order is the one raised.
+    budget and at most ``in_flight`` at once (None: every worker); the first error in ``names``
+    order is the one raised.
 
     Tensors of equal size are taken in ``names`` order at one checkpoint and in reverse at the next.
     Why: a state larger than the page cache, read in the same order every time, is the case LRU
@@ -273,7 +275,7 @@ def run_tensors(
             on_tensor(name, work.base.reader.info(name).numel)
 
     costs = {n: work.task_bytes(n) for n in names}
-    return pool.run(costs, task, done, reverse_ties=work.observed % 2 == 1)
+    return pool.run(costs, task, done, reverse_ties=work.observed % 2 == 1, in_flight=in_flight)
 
 
 def ingest(
@@ -424,6 +426,9 @@ class CheckpointPass:
         #: read the old sketch around the page cache too, where :attr:`write_direct` wrote it so
         #: (decided with it), into columns a task keeps from pass 1 to pass 2 (:meth:`keeps_columns`)
         self.read_direct = False
+        #: all this ingest reads or writes and the next one reads again fits the page cache (set by
+        #: :meth:`open_writers`): then no task waits for the disk, and one per core is enough
+        self.fits_page_cache = False
         self.largest = max((base.reader.info(n).numel for n in base.tracked), default=0)
 
     def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:
@@ -431,9 +436,11 @@ class CheckpointPass:
         file of the transaction, or one cluster worker's share into its part files."""
         numels = {n: self.base.reader.info(n).numel for n in names}
         width = self.config.width
+        room = page_cache_room()
+        sketches = 1 if self.old_sketch is None else 2
+        self.fits_page_cache = not state_outgrows_page_cache(self._working_set(numels, sketches), room)
         if self.old_sketch is not None:
-            room = page_cache_room()
-            self.drop_replaced = state_outgrows_page_cache(self._working_set(numels), room)
+            self.drop_replaced = not self.fits_page_cache
             self.write_direct = self.drop_replaced and state_outgrows_page_cache(
                 self._working_set(numels, sketches=1), room
             )

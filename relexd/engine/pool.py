@@ -78,6 +78,7 @@ class TensorPool(Closeable):
         on_done: Callable[[str, R], None] | None = None,
         *,
         reverse_ties: bool = False,
+        in_flight: int | None = None,
     ) -> dict[str, R]:
         """Run ``task(name, abort)`` for every name of ``costs`` (name → bytes it holds while
         running); returns name → result.
@@ -87,7 +88,8 @@ class TensorPool(Closeable):
         so the error raised in the end is the one of the earliest failing name — the one a
         sequential run would have met, whichever worker failed first. ``on_done`` runs in the
         calling thread as each task completes. ``reverse_ties`` starts tasks of equal cost in
-        reverse order (which error is raised does not change).
+        reverse order (which error is raised does not change). ``in_flight`` runs at most that many
+        tasks at once in this run (at most :attr:`workers` in any case).
         """
         index = {name: i for i, name in enumerate(costs)}
         tie = -1 if reverse_ties else 1
@@ -97,10 +99,11 @@ class TensorPool(Closeable):
         errors: dict[str, BaseException] = {}
         running: dict[Future[R], str] = {}
         held = 0
+        limit = self.workers if in_flight is None else max(1, min(in_flight, self.workers))
         try:
             while waiting or running:
                 waiting = [n for n in waiting if index[n] < state.first_failure]
-                while waiting and len(running) < self.workers:
+                while waiting and len(running) < limit:
                     name = self._next_fitting(waiting, costs, held, bool(running))
                     if name is None:
                         break

@@ -11,17 +11,21 @@ from relexd.engine import config
 from relexd.errors import ConfigError
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 2), (2, 4), (3, 6), (4, 8), (16, 8)])
-def test_the_default_takes_two_workers_per_core_up_to_the_measured_cap(
-    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int
+@pytest.mark.parametrize(
+    ("cores", "workers", "cached"), [(1, 2, 1), (2, 4, 2), (3, 6, 3), (4, 8, 4), (16, 8, 8)]
+)
+def test_the_default_takes_two_workers_per_core_up_to_the_measured_cap_and_one_when_cached(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, cached: int
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert config.default_workers() == workers
+    assert config.cached_in_flight() == cached
 
 
 def test_the_help_says_the_default() -> None:
     assert config.MAX_DEFAULT_WORKERS == 8 and config.WORKERS_PER_CORE == 2
     assert "2 per core" in config.THREADS_HELP and "at most 8" in config.THREADS_HELP
+    assert "one per core while the state fits the page cache" in config.THREADS_HELP
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, base
 
 
-def _follow(root: Path, base: Path, state: Path, threads: int, config: EngineConfig, **kw: Any) -> None:
+def _follow(
+    root: Path, base: Path, state: Path, threads: int | None, config: EngineConfig, **kw: Any
+) -> None:
     with Engine(state, base, config, threads=threads, **kw) as engine:
         for step in STEPS:
             engine.ingest(root / f"checkpoint-{step}", step)
@@ -237,6 +239,43 @@ def test_a_state_with_the_earlier_row_major_sketch_continues(tmp_path: Path) -> 
     rewritten.close()
 
 
+@pytest.mark.parametrize(("fits", "most_at_once"), [(True, 1), (False, 2)])
+def test_the_default_computes_one_tensor_per_core_where_the_state_fits_the_page_cache(
+    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fits: bool, most_at_once: int
+) -> None:
+    """``threads=None`` (what ``relexd watch`` and ``extrapolate`` pass unless told): one core
+    gives a pool of two workers, both busy only where the state outgrows the page cache and a task
+    may wait for the disk. The committed state is the one worker's bit for bit."""
+    from relexd.engine import config as config_module
+    from relexd.engine import ingest as ingest_module
+
+    root, base = run
+    monkeypatch.setattr(config_module, "available_cores", lambda: 1)
+    if not fits:
+        monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
+    _follow(root, base, tmp_path / "one", 1, EngineConfig())
+    running, peak = [0], [0]
+    lock = threading.Lock()
+    run_tensor = ingest_module.CheckpointPass.run_tensor
+
+    def counted(self: Any, name: str, stop: Any) -> Any:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.005)  # two tasks that may overlap do
+            return run_tensor(self, name, stop)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(ingest_module.CheckpointPass, "run_tensor", counted)
+    _follow(root, base, tmp_path / "default", None, EngineConfig())
+    assert peak[0] == most_at_once
+    (meta_a, arrays_a), (meta_b, arrays_b) = _committed(tmp_path / "default"), _committed(tmp_path / "one")
+    assert meta_a == meta_b and all(torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a)
+
+
 # -- the pool itself ---------------------------------------------------------------------------
 
 
@@ -261,6 +300,25 @@ def test_pool_keeps_the_tensors_in_flight_within_the_budget() -> None:
     assert results == {n: n.upper() for n in costs}
     assert started[0] == "huge"  # largest first
     assert peak[0] <= 100
+
+
+def test_pool_runs_no_more_tasks_at_once_than_asked() -> None:
+    costs = {f"t{i}": 10 for i in range(12)}
+    lock = threading.Lock()
+    for in_flight, expected in ((None, 4), (2, 2), (9, 4)):
+        running, peak = [0], [0]
+
+        def task(name: str, abort: Cutoff, running: list[int] = running, peak: list[int] = peak) -> None:
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.02)
+            with lock:
+                running[0] -= 1
+
+        with TensorPool(4) as pool:
+            pool.run(costs, task, in_flight=in_flight)
+        assert peak[0] == expected, in_flight
 
 
 def test_pool_stops_starting_tasks_after_a_failure_and_raises_the_earliest() -> None:
