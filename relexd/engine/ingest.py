@@ -345,20 +345,26 @@ def ingest(
 @dataclass
 class _ChunkBuffers:
     """One worker's chunk-sized buffers: ``raw`` receives stored bytes (checkpoint, base,
-    anchors; up to 8 bytes per element), ``scratch`` a float32 conversion, ``old`` and ``out`` the
-    old and new sketch columns (width × chunk)."""
+    anchors; up to 8 bytes per element), ``pair`` two float32 conversions (a scored anchor's two
+    vectors, so that both dot products with the delta are one matrix-vector product: one read of
+    the delta's chunk instead of two), ``scratch`` its first row, ``old`` and ``out`` the old and
+    new sketch columns (width × chunk)."""
 
     raw: torch.Tensor
-    scratch: torch.Tensor
+    pair: torch.Tensor
     old: torch.Tensor
     out: torch.Tensor
+
+    @property
+    def scratch(self) -> torch.Tensor:
+        return self.pair[0]
 
     @classmethod
     def make(cls, width: int, chunk: int) -> _ChunkBuffers:
         f32 = torch.float32
         return cls(
             raw=torch.empty(8 * chunk, dtype=torch.uint8),
-            scratch=torch.empty(chunk, dtype=f32),
+            pair=torch.empty(2, chunk, dtype=f32),
             old=aligned_empty((width, chunk), f32),
             out=aligned_empty((width, chunk), f32),  # its rows may be written with O_DIRECT
         )
@@ -615,18 +621,20 @@ class CheckpointPass:
 
         upd = make_update(config.estimator, self.snapshot.small(name), width, config.oja_eta)
 
-        def as_f32(v: torch.Tensor) -> torch.Tensor:
-            return buf.scratch[: v.numel()].copy_(v)
+        def as_f32(v: torch.Tensor, row: int = 0) -> torch.Tensor:
+            return buf.pair[row, : v.numel()].copy_(v)
 
-        def anchor_f32(f: AnchorFiles, key: str, i: int, j: int) -> torch.Tensor:
-            """Elements [i, j) of an anchor's vector in float32, converted from the mapped file
-            (no copy out of the page cache first) or read."""
-            view = f.view_range(key, i, j) if self.maps_state else None
-            if view is None:
-                return as_f32(f.read_range(key, i, j, buf.raw))
-            out = as_f32(view)
-            f.unmap(key, i, j)
-            return out
+        def anchor_pair(f: AnchorFiles, i: int, j: int) -> torch.Tensor:
+            """Elements [i, j) of an anchor's two vectors (v, x) in float32, rows of one buffer,
+            converted from the mapped file (no copy out of the page cache first) or read."""
+            for row, key in enumerate((f"v/{name}", f"x/{name}")):
+                view = f.view_range(key, i, j) if self.maps_state else None
+                if view is None:
+                    as_f32(f.read_range(key, i, j, buf.raw), row)
+                else:
+                    as_f32(view, row)
+                    f.unmap(key, i, j)
+            return buf.pair[:, : j - i]
 
         def old_columns(i: int, j: int) -> torch.Tensor:
             """The old basis of elements [i, j): kept (read by pass 1), or read again."""
@@ -644,10 +652,9 @@ class CheckpointPass:
             if kept is None:
                 self._done_with_columns(name, i, j)
             for a, f in self.anchor_files.items():
-                v_a = anchor_f32(f, f"v/{name}", i, j)
-                dots[a][0] += float(torch.dot(x[i:j], v_a))
-                x_a = anchor_f32(f, f"x/{name}", i, j)
-                dots[a][1] += float(torch.dot(x[i:j], x_a))
+                x_dot_v, x_dot_xa = torch.mv(anchor_pair(f, i, j), x[i:j]).tolist()
+                dots[a][0] += x_dot_v
+                dots[a][1] += x_dot_xa
         check_finite(self.base, self.ckpt, name, x, upd.xsq)
         if upd.exact_residual_needed():
             bytes_read += sketch_bytes if kept is None else 0

@@ -50,14 +50,16 @@ def test_brand_equals_batch_svd_while_nothing_is_truncated(noise: float) -> None
     assert torch.allclose(small.sqnorms, (x.float().double() ** 2).sum(1), rtol=1e-6)
 
 
-def test_default_rank_tracks_batch_direction_at_high_energy() -> None:
+@pytest.mark.parametrize("width", [DEFAULT_RANK, 1])
+def test_default_rank_tracks_batch_direction_at_high_energy(width: int) -> None:
+    """At the default rank, and at rank 1 (whose new column is computed by its own kernels)."""
     steps = list(range(2, 82, 2))  # 40 checkpoints, far more than the default rank
     for noise, seed in [(0.004, 1), (0.008, 2), (0.011, 3)]:
         x = trajectory(4000, steps, noise, seed)
         v_ref, c_ref, s_ref = batch_top(x)
         energy = float(s_ref[0] ** 2 / (s_ref**2).sum())
         assert energy >= 0.9
-        small, q = stream(x, "brand", width=DEFAULT_RANK)
+        small, q = stream(x, "brand", width=width)
         v = q[0].double()
         assert abs(float(v @ v_ref)) / float(v.norm()) >= 0.999, (noise, energy)
         assert (small.coefficients - c_ref).norm() / c_ref.norm() < 0.01
@@ -105,7 +107,7 @@ def test_direction_sign_makes_newest_coefficient_non_negative() -> None:
 
 def test_direction_change_equals_direct_products() -> None:
     x = trajectory(800, STEPS, 0.05)
-    for est, width in (("brand", 2), ("brand", 5), ("oja", 1)):
+    for est, width in (("brand", 1), ("brand", 2), ("brand", 5), ("oja", 1)):
         small, q = stream(x[:-1], est, width)
         upd = make_update(est, small, width)
         upd.accumulate(q, x[-1].float())
