@@ -109,10 +109,11 @@ def summarise(data: Path, heading: str) -> str:
     busy = [r for r in perf_report(data) if not r[1].startswith("swapper")]
     total = sum(r[0] for r in busy) or 1.0
     rows = [(100.0 * share / total, comm, sym) for share, comm, sym in busy]
+    phase = {sym: phase_of(sym) for _, _, sym in rows}
     phases: dict[str, float] = {}
     for share, _command, sym in rows:
-        phases[phase_of(sym)] = phases.get(phase_of(sym), 0.0) + share
-    top_other = [(s, c, sym) for s, c, sym in rows if phase_of(sym) == "other"][:12]
+        phases[phase[sym]] = phases.get(phase[sym], 0.0) + share
+    top_other = [row for row in rows if phase[row[2]] == "other"][:12]
     table = markdown_table(
         ["phase", "share of samples, every CPU"],
         [(name, f"{share:.1f} %") for name, share in sorted(phases.items(), key=lambda kv: -kv[1])],
@@ -133,7 +134,8 @@ def profile(model: str, rank: int, steady: int, freq: int, keep: Path | None = N
         heading = (
             f"# Profile of one steady ingest: {model}, rank {rank}, relexd's default workers\n\n"
             f"{machine()}\n\n`python -m bench.profile_ingest --model {model} --rank {rank} "
-            f"--steady {steady} --freq {freq}` (the process is `{os.path.basename(sys.executable)}`; "
+            f"--steady {steady} --freq {freq}{f' --data {keep}' if keep else ''}` "
+            f"(the process is `{os.path.basename(sys.executable)}`; "
             f"perf records every CPU, 1 s before the ingest included)\n\n"
             f"The profiled ingest: {seconds:.2f} s, {cpu:.1f} s of the process's CPU."
         )
