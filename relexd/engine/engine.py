@@ -24,6 +24,7 @@ from relexd.engine.preview import write_preview
 from relexd.errors import StateError
 from relexd.io.names import match_names
 from relexd.io.reader import WeightReader, open_weights
+from relexd.math import kernels
 from relexd.state.store import Snapshot, StateStore
 
 
@@ -70,6 +71,8 @@ class Engine(Closeable):
         try:
             self.base = BaseModel.load(Path(base_path))
             self._check_state_matches()
+            reader = self.base.reader
+            kernels.prepare({reader.info(n).dtype for n in self.base.tracked}, config.anchor_torch_dtype)
         except BaseException:
             self.store.close()
             self.backend.close()

@@ -32,6 +32,7 @@ from relexd.engine.pool import Cancelled, Cutoff, TensorPool
 from relexd.errors import CheckpointError, RelexdError
 from relexd.io.reader import WeightReader
 from relexd.io.safetensors_file import DIRECT_ALIGN, PositionalSafetensorsWriter, aligned_empty, dtype_code
+from relexd.math import kernels
 from relexd.math.confidence import (
     ForecastSums,
     TensorFigures,
@@ -571,6 +572,36 @@ class CheckpointPass:
             self._worker.chunk = buffers = _ChunkBuffers.make(self.config.width, CHUNK_ELEMS)
         return buffers
 
+    def _stored_pair(self, name: str, i: int, j: int, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Elements [i, j) of the checkpoint's and the base's tensor ``name`` as stored, read into
+        the two halves of the byte buffer ``raw`` (8 bytes per element: room for two float32s)."""
+        half = raw.numel() // 2
+        ckpt = self.ckpt.read_range(name, i, j, raw[:half])
+        return ckpt, self.base.reader.read_range(name, i, j, raw[half:])
+
+    def _anchor_stored(
+        self, f: AnchorFiles, name: str, i: int, j: int, pair: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Elements [i, j) of an anchor's vectors (v, x) as stored: views of the mapped file where
+        the state is mapped (:meth:`_unmap_anchor` them once used), else read into the bytes of
+        the float32 buffer ``pair`` (one half each); converted into its rows if stored as neither
+        bfloat16 nor float32 (an anchor of an earlier configuration)."""
+        halves = pair.view(-1).view(torch.uint8).chunk(2)
+        out = []
+        for row, key in enumerate((f"v/{name}", f"x/{name}")):
+            view = f.view_range(key, i, j) if self.maps_state else None
+            value = f.read_range(key, i, j, halves[row]) if view is None else view
+            if kernels.widen_shift(value.dtype) is None:
+                value = pair[row, : j - i].copy_(value)
+            out.append(value)
+        return out[0], out[1]
+
+    def _unmap_anchor(self, f: AnchorFiles, name: str, i: int, j: int) -> None:
+        """Unmap what :meth:`_anchor_stored` mapped."""
+        if self.maps_state:
+            for key in (f"v/{name}", f"x/{name}"):
+                f.unmap(key, i, j)
+
     def _prefetch(self, name: str, span: Span | None, *, anchors: bool = True, sketch: bool = True) -> None:
         """Start reading the state's bytes of ``span`` (the next chunk) while this one computes:
         the old sketch's unless ``sketch`` is False, and the scored anchors' unless ``anchors`` is."""
@@ -640,18 +671,44 @@ class CheckpointPass:
             """The old basis of elements [i, j): kept (read by pass 1), or read again."""
             return kept[:, i:j] if kept is not None else self._old_columns(name, i, j, buf.old)
 
+        # pass 1 in one fused loop per chunk (relexd.math.kernels) where the estimator's rows
+        # allow it, forming the delta in it too where the stored dtypes do, with the first anchor
+        kernel = upd.rows_used <= kernels.MAX_ROWS
+        forms_delta = (
+            kernel
+            and fused
+            and all(
+                kernels.widen_shift(d) is not None for d in (stored.dtype, self.base.reader.info(name).dtype)
+            )
+        )
+        kernel_anchor = next(iter(self.anchor_files), None) if kernel else None
         dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a
         for (i, j), nxt in with_next(chunks):
             stop()
             self._prefetch(name, nxt, sketch=kept is None)
-            if fused:
+            if fused and not forms_delta:
                 read_delta_range(self.base, self.ckpt, name, i, j, x[i:j], buf.scratch, buf.raw)
             if kept is not None and self.old_sketch is not None:
                 self.old_sketch.columns(name, i, j, kept[:, i:j], direct=True)
-            upd.accumulate(old_columns(i, j), x[i:j])
+            q = old_columns(i, j)
+            if kernel:
+                delta_of = self._stored_pair(name, i, j, buf.raw) if forms_delta else None
+                anchor = None
+                if kernel_anchor is not None:
+                    anchor = self._anchor_stored(self.anchor_files[kernel_anchor], name, i, j, buf.pair)
+                products = kernels.pass1(x[i:j], [q[r] for r in range(upd.rows_used)], anchor, delta_of)
+                if kernel_anchor is not None and products.anchor is not None:
+                    self._unmap_anchor(self.anchor_files[kernel_anchor], name, i, j)
+                    for n, dot in enumerate(products.anchor):
+                        dots[kernel_anchor][n] += dot
+                upd.add_products(products)
+            else:
+                upd.accumulate(q, x[i:j])
             if kept is None:
                 self._done_with_columns(name, i, j)
             for a, f in self.anchor_files.items():
+                if a == kernel_anchor:
+                    continue
                 x_dot_v, x_dot_xa = torch.mv(anchor_pair(f, i, j), x[i:j]).tolist()
                 dots[a][0] += x_dot_v
                 dots[a][1] += x_dot_xa

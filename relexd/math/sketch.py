@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from relexd.math import kernels
+from relexd.math.kernels import ChunkProducts
+
 F64 = torch.float64
 
 #: Oja's step-size multiplier. Measured on planted rank-1 trajectories (d = 5000, 12 irregular steps):
@@ -101,8 +104,20 @@ class TensorUpdate:
         self.width = width  # columns stored on disk (zero-padded beyond the live rank)
         self.xsq = 0.0
 
+    @property
+    def rows_used(self) -> int:
+        """Rows of the old state that pass 1 takes products of (the rest are zero padding)."""
+        raise NotImplementedError
+
     def accumulate(self, q: torch.Tensor, x: torch.Tensor) -> None:
-        """Pass 1 over one chunk: ``q`` the old state's columns (width × n), ``x`` the delta (n)."""
+        """Pass 1 over one chunk: ``q`` the old state's columns (width × n), ``x`` the delta (n).
+
+        The products are taken by torch here; the engine takes the same ones with a fused kernel
+        (:func:`relexd.math.kernels.pass1`) and hands them to :meth:`add_products`."""
+        self.add_products(chunk_products(q[: self.rows_used], x))
+
+    def add_products(self, p: ChunkProducts) -> None:
+        """Pass 1's sums over one chunk, taken of :attr:`rows_used` rows of the old state."""
         raise NotImplementedError
 
     def exact_residual_needed(self) -> bool:
@@ -155,20 +170,15 @@ class BrandUpdate(TensorUpdate):
         self._rotation: torch.Tensor | None = None  # maps [Q; x] to the new Q
         self._use_residual = False
 
-    def accumulate(self, q: torch.Tensor, x: torch.Tensor) -> None:
-        self.xsq += float(torch.dot(x, x))
-        k = self.rank
-        if k:
-            qk = q[:k]
-            self.qtx += (qk @ x).to(F64)
-            # one dot per pair, not qk @ qk.T: on 1M-element chunks float32 GEMM measured ~1e-5
-            # relative error against float64, the dot products ~1e-6 (as for Qᵀx and ‖x‖²)
-            for i in range(k):
-                for j in range(i + 1):
-                    self.gram[i, j] += float(torch.dot(qk[i], qk[j]))
-            for i in range(k):
-                for j in range(i):
-                    self.gram[j, i] = self.gram[i, j]
+    @property
+    def rows_used(self) -> int:
+        return self.rank
+
+    def add_products(self, p: ChunkProducts) -> None:
+        self.xsq += p.xsq
+        if self.rank:
+            self.qtx += _f64(list(p.qtx))
+            self.gram += _f64([list(row) for row in p.gram])
 
     def exact_residual_needed(self) -> bool:
         fast = self.xsq - float(self.qtx @ self._projection_coef()) if self.rank else self.xsq
@@ -244,14 +254,10 @@ class BrandUpdate(TensorUpdate):
         out = self._out(x.shape[0], out)
         out[keep:] = 0.0
         acc = out[:keep]
-        if k == 1 and keep == 1:
-            # one column from one: a scaled copy plus a scaled x, in two streaming kernels;
-            # measured 0.63 ms per 1 M elements against 0.78 for the 1 × 1 GEMM and the rank-1
-            # update below (at rank 2 the GEMM is the faster: 1.2 against 1.9 ms)
-            r = rotation_t[0].tolist()
-            torch.mul(q[0], r[0], out=acc[0])
-            if self._use_residual:
-                acc[0].add_(x, alpha=r[1])
+        if k <= kernels.MAX_ROWS and 1 <= keep <= 2:
+            # the default ranks: one fused loop (relexd.math.kernels.combine); its x column is zero
+            # where the residual is not used, and x is finite (the engine checked)
+            kernels.combine(list(acc), list(q[:k]), x, rotation_t)
         elif k:
             torch.mm(rotation_t[:, :k], q[:k], out=acc)
             if self._use_residual:
@@ -299,12 +305,15 @@ class OjaUpdate(TensorUpdate):
         self._a = 0.0
         self._scale = 0.0
 
-    def accumulate(self, q: torch.Tensor, x: torch.Tensor) -> None:
-        self.xsq += float(torch.dot(x, x))
+    @property
+    def rows_used(self) -> int:
+        return 1 if self.has_v else 0
+
+    def add_products(self, p: ChunkProducts) -> None:
+        self.xsq += p.xsq
         if self.has_v:
-            v = q[0]
-            self.xv += float(torch.dot(x, v))
-            self.vv += float(torch.dot(v, v))
+            self.xv += p.qtx[0]
+            self.vv += p.gram[0][0]
 
     def plan(self) -> SmallState:
         small = self.small
@@ -342,11 +351,10 @@ class OjaUpdate(TensorUpdate):
     def new_columns(self, q: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         out = self._out(x.shape[0], out)
         out[1:] = 0.0
-        if self.has_v:
-            torch.add(q[0], x, alpha=self._a, out=out[0])
-        else:
-            torch.mul(x, self._a, out=out[0])
-        out[0] *= self._scale
+        # v_new = scale·v + scale·a·x, in one fused loop (relexd.math.kernels.combine)
+        a, scale = self._a, self._scale
+        coef = [[scale, scale * a]] if self.has_v else [[scale * a]]
+        kernels.combine([out[0]], [q[0]] if self.has_v else [], x, torch.tensor(coef, dtype=torch.float32))
         return out
 
 
@@ -362,6 +370,18 @@ def make_update(
     if estimator == "oja":
         return OjaUpdate(small, width, eta=oja_eta)
     raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+
+
+def chunk_products(q: torch.Tensor, x: torch.Tensor) -> ChunkProducts:
+    """Pass 1's products of one chunk with torch: ``q`` the rows taken (r × n), ``x`` the delta.
+
+    One dot per pair, not q @ q.T: on 1M-element chunks float32 GEMM measured ~1e-5 relative
+    error against float64, the dot products ~1e-6 (as for Qᵀx and ‖x‖²)."""
+    k = q.shape[0]
+    qtx = tuple((q @ x).tolist()) if k else ()
+    lower = {(i, j): float(torch.dot(q[i], q[j])) for i in range(k) for j in range(i + 1)}
+    gram = tuple(tuple(lower[max(i, j), min(i, j)] for j in range(k)) for i in range(k))
+    return ChunkProducts(float(torch.dot(x, x)), qtx, gram, None)
 
 
 def _f64(values: list) -> torch.Tensor:

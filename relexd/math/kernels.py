@@ -1,0 +1,276 @@
+"""Fused chunk kernels of an ingest's two passes (pure math, no file I/O), compiled by numba.
+
+Why by hand, and not torch: torch runs pass 1 of a chunk as a string of kernels — convert the
+checkpoint's bf16 to float32, convert the base's, subtract, ‖x‖², Qᵀx, the Gram products, convert
+the anchor's two vectors, two more dot products — and each streams the 1 M-element chunk through
+memory again. :func:`pass1` does all of it in one loop over blocks small enough to stay in the CPU's
+first-level cache, reading every input once and writing only the delta; :func:`combine` does pass
+2's new columns in one loop too. Measured on one core of an Intel Xeon 2-vCPU VM, per 1 M elements
+of arrays far larger than its caches (``python -m bench.kernels``,
+bench/results/full/kernels-6dec.md): pass 1 3.5 ms with torch against 2.5 at rank 1, 5.2 against
+3.0 at rank 2; pass 2 1.0 against 0.7 and 2.3 against 1.4. The float32 products are summed in
+float64 element by element, more accurate than float32 BLAS (which sums in float32 blocks).
+
+torch.compile was measured too (bench/README.md, 5 Dec) but needs a C++ compiler in the daemon;
+numba brings its own LLVM.
+
+Stored values are widened to float32 by their bits: bfloat16 is the upper half of a float32, so
+``bits << 16`` is exact; float32 is ``bits << 0``. Other stored dtypes take the torch path
+(:func:`widen_shift` says which).
+
+Numerics: the loops may be reassociated and contracted (vectorised sums, fused multiply-adds), but
+not compiled under the assumption that no NaN or Inf occurs — a non-finite input must reach ‖x‖²,
+which is how the engine notices it (``tests/math/test_kernels.py``). The order of the sums depends
+only on the chunk, never on which thread runs it, so the state stays equal for any worker count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+#: Elements per block: three float32 blocks (checkpoint, base, anchor) of 8 KiB stay in a 48 KiB L1.
+BLOCK = 2048
+
+#: Rows of the old basis the fused loop takes (Brand at rank ≤ 2, Oja); wider ones take torch.
+MAX_ROWS = 2
+
+_SHIFTS = {torch.bfloat16: 16, torch.float32: 0}
+
+# reassociation and contraction only: "fast" would also assume that no NaN or Inf occurs
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+def _jit(fn):
+    """Compile ``fn`` on first call, keeping the machine code in numba's cache directory
+    (``NUMBA_CACHE_DIR``; the systemd unit sets one): 0.3 s to load instead of 2 s to compile.
+    Where no directory is writable (numba refuses ``cache=True`` then, at decoration: an installed
+    package under ProtectSystem=strict), compile in memory in every process instead."""
+    try:
+        return numba.njit(fastmath=_FAST, nogil=True, cache=True)(fn)
+    except RuntimeError:
+        return numba.njit(fastmath=_FAST, nogil=True)(fn)
+
+
+def widen_shift(dtype: torch.dtype) -> int | None:
+    """The shift that widens a stored value's bits to float32's, or None if it is no such dtype."""
+    return _SHIFTS.get(dtype)
+
+
+@dataclass(frozen=True)
+class ChunkProducts:
+    """One chunk's sums: ‖x‖², the old basis rows' products with x and with each other, and an
+    anchor's two products with x."""
+
+    xsq: float
+    qtx: tuple[float, ...]  # q_r · x for each row r taken
+    gram: tuple[tuple[float, ...], ...]  # q_r · q_s (symmetric)
+    anchor: tuple[float, float] | None  # (x · v_a, x · x_a)
+
+
+_EMPTY16 = np.zeros(0, dtype=np.uint16)
+_EMPTY32 = np.zeros(0, dtype=np.float32)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The raw bits of a contiguous 1-D bfloat16 or float32 tensor as an unsigned numpy array."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.view(torch.int32).numpy().view(np.uint32)
+
+
+def pass1(
+    x: torch.Tensor,
+    rows: list[torch.Tensor],
+    anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    delta_of: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> ChunkProducts:
+    """Pass 1 over one chunk: the products of x with itself, with each of ``rows`` (≤ MAX_ROWS
+    basis rows, float32) and with ``anchor``'s (v_a, x_a) where given.
+
+    ``delta_of`` = (checkpoint, base): x is formed first as checkpoint − base into ``x``
+    (float32, as long as both), from their stored bits. Every tensor is contiguous and 1-D; the
+    stored ones are bfloat16 or float32 (:func:`widen_shift`).
+    """
+    n = x.numel()
+    if len(rows) > MAX_ROWS:
+        raise ValueError(f"pass1 takes at most {MAX_ROWS} basis rows, not {len(rows)}")
+    xs = x.numpy()
+    q = [r.numpy() for r in rows] + [_EMPTY32] * (MAX_ROWS - len(rows))
+    if delta_of is not None:
+        ck, base = delta_of
+        if ck.numel() != n or base.numel() != n:
+            raise ValueError(
+                f"checkpoint ({ck.numel()}) and base ({base.numel()}) chunks differ from x ({n})"
+            )
+        if widen_shift(ck.dtype) is None or widen_shift(base.dtype) is None:
+            raise ValueError(f"pass1 forms deltas of bfloat16 or float32 only, not {ck.dtype} − {base.dtype}")
+        ck_bits, ck_shift, base_bits, base_shift = (
+            _bits(ck),
+            _SHIFTS[ck.dtype],
+            _bits(base),
+            _SHIFTS[base.dtype],
+        )
+    else:
+        ck_bits = base_bits = _EMPTY16
+        ck_shift = base_shift = 0
+    if anchor is not None:
+        v_bits, xa_bits, a_shift = _bits(anchor[0]), _bits(anchor[1]), _SHIFTS[anchor[0].dtype]
+    else:
+        v_bits = xa_bits = _EMPTY16
+        a_shift = 0
+    out = np.zeros(8)
+    _pass1(
+        xs, xs.view(np.uint32), delta_of is not None, ck_bits, ck_shift, base_bits, base_shift,
+        len(rows), q[0], q[1], anchor is not None, v_bits, xa_bits, a_shift, out,
+    )  # fmt: skip
+    k = len(rows)
+    qtx = tuple(float(v) for v in out[1 : 1 + k])
+    g = ((out[3],), (out[4], out[5]))
+    gram = tuple(tuple(float(g[max(r, s)][min(r, s)]) for s in range(k)) for r in range(k))
+    return ChunkProducts(
+        float(out[0]), qtx, gram, (float(out[6]), float(out[7])) if anchor is not None else None
+    )
+
+
+def prepare(stored: set[torch.dtype], anchor: torch.dtype) -> None:
+    """Compile (or load from numba's cache) the kernels for checkpoints stored as ``stored``, with
+    anchors stored as ``anchor``, before the first ingest: that ingest then runs at full speed, and
+    the compiler's memory is taken while the daemon starts, not while a tensor is in flight."""
+    x = torch.zeros(1)
+    pair = (torch.zeros(1, dtype=anchor), torch.zeros(1, dtype=anchor))
+    for dtype in stored:
+        if widen_shift(dtype) is not None:
+            pass1(x, [], pair, (torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype)))
+    pass1(x, [], pair)
+    combine([torch.zeros(1)], [], x, torch.zeros(1, 1))
+
+
+@_jit
+def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_anchor, va, xa, a_shift, out):
+    """out = [‖x‖², q0·x, q1·x, q0·q0, q1·q0, q1·q1, x·v_a, x·x_a]. Every loop runs over slices of
+    one block: indexing a slice from 0 lets numba drop the negative-index check that otherwise
+    kept these loops from being vectorised (3× slower)."""
+    n = x.shape[0]
+    scratch = np.empty(BLOCK, np.uint32)
+    widened = scratch.view(np.float32)
+    xsq = q0x = q1x = g00 = g10 = g11 = xv = xxa = 0.0
+    cs = np.uint32(ck_shift)
+    bs = np.uint32(base_shift)
+    ash = np.uint32(a_shift)
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        xb = x[start : start + m]
+        if form:
+            xbits = x_bits[start : start + m]
+            cb = ck[start : start + m]
+            bb = base[start : start + m]
+            for i in range(m):
+                xbits[i] = np.uint32(cb[i]) << cs
+                scratch[i] = np.uint32(bb[i]) << bs
+            for i in range(m):
+                xb[i] = xb[i] - widened[i]
+        if has_anchor:
+            vb = va[start : start + m]
+            for i in range(m):
+                scratch[i] = np.uint32(vb[i]) << ash
+            for i in range(m):
+                xv += np.float64(widened[i]) * np.float64(xb[i])
+            ab = xa[start : start + m]
+            for i in range(m):
+                scratch[i] = np.uint32(ab[i]) << ash
+            for i in range(m):
+                xxa += np.float64(widened[i]) * np.float64(xb[i])
+        if k == 0:
+            for i in range(m):
+                d = np.float64(xb[i])
+                xsq += d * d
+        elif k == 1:
+            r0 = q0[start : start + m]
+            for i in range(m):
+                d = np.float64(xb[i])
+                a = np.float64(r0[i])
+                xsq += d * d
+                q0x += a * d
+                g00 += a * a
+        else:
+            r0 = q0[start : start + m]
+            r1 = q1[start : start + m]
+            for i in range(m):
+                d = np.float64(xb[i])
+                a = np.float64(r0[i])
+                c = np.float64(r1[i])
+                xsq += d * d
+                q0x += a * d
+                q1x += c * d
+                g00 += a * a
+                g10 += c * a
+                g11 += c * c
+    out[0] = xsq
+    out[1] = q0x
+    out[2] = q1x
+    out[3] = g00
+    out[4] = g10
+    out[5] = g11
+    out[6] = xv
+    out[7] = xxa
+
+
+def combine(out: list[torch.Tensor], rows: list[torch.Tensor], x: torch.Tensor, coef: torch.Tensor) -> None:
+    """Pass 2 over one chunk: ``out[c] = Σ_r coef[c, r]·rows[r] + coef[c, k]·x`` (k = len(rows)),
+    every float32 product and sum in float32, in one loop.
+
+    ``out``: 1 or 2 rows (the new basis vectors), ``rows``: at most :data:`MAX_ROWS` rows of the
+    old basis, ``coef``: len(out) × (k + 1). Why not torch: its GEMM and rank-1 update write
+    the new columns and then read and write them again (at rank 2, 2.3 ms per 1 M elements against
+    1.4 here; rank 1, 1.0 against 0.7: ``python -m bench.kernels``)."""
+    k = len(rows)
+    if not 1 <= len(out) <= 2 or k > MAX_ROWS or tuple(coef.shape) != (len(out), k + 1):
+        raise ValueError(
+            f"combine takes 1-2 outputs of ≤ {MAX_ROWS} rows and x, not {len(out)}, {k}, {tuple(coef.shape)}"
+        )
+    q = [r.numpy() for r in rows] + [_EMPTY32] * (MAX_ROWS - k)
+    outs = [o.numpy() for o in out] + [_EMPTY32] * (2 - len(out))
+    c = np.zeros((2, MAX_ROWS + 1), dtype=np.float32)
+    c[: len(out), :k] = coef[:, :k].numpy()
+    c[: len(out), MAX_ROWS] = coef[:, k].numpy()
+    _combine(outs[0], outs[1], len(out), q[0], q[1], k, x.numpy(), c)
+
+
+@_jit
+def _combine(o0, o1, nout, q0, q1, k, x, c):
+    """c: 2 × 3 coefficients, column 2 for x. One loop per case, each vectorised."""
+    a0, b0, e0 = c[0, 0], c[0, 1], c[0, 2]
+    a1, b1, e1 = c[1, 0], c[1, 1], c[1, 2]
+    n = x.shape[0]
+    if nout == 1:
+        if k == 0:
+            for i in range(n):
+                o0[i] = e0 * x[i]
+        elif k == 1:
+            for i in range(n):
+                o0[i] = a0 * q0[i] + e0 * x[i]
+        else:
+            for i in range(n):
+                o0[i] = a0 * q0[i] + b0 * q1[i] + e0 * x[i]
+    elif k == 0:
+        for i in range(n):
+            w = x[i]
+            o0[i] = e0 * w
+            o1[i] = e1 * w
+    elif k == 1:
+        for i in range(n):
+            u = q0[i]
+            w = x[i]
+            o0[i] = a0 * u + e0 * w
+            o1[i] = a1 * u + e1 * w
+    else:
+        for i in range(n):
+            u = q0[i]
+            v = q1[i]
+            w = x[i]
+            o0[i] = a0 * u + b0 * v + e0 * w
+            o1[i] = a1 * u + b1 * v + e1 * w
