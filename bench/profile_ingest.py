@@ -35,6 +35,8 @@ from bench.scaling import BUILD_CHECKPOINTS, DEFAULT, Run
 
 #: phase → symbol patterns (regular expressions over perf's "dso symbol" text), first match wins
 PHASES: list[tuple[str, str]] = [
+    # numba's compiled code has no symbols perf can name: it shows as "[JIT] tid …"
+    ("fused kernels (numba: delta, products, anchor, new columns)", r"\[JIT\]"),
     ("copy out of the page cache (pread of checkpoint and base)", r"_copy_to_iter|copy_user"),
     (
         "zeroing fresh anonymous pages (first touch of a worker's buffers in this ingest)",

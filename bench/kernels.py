@@ -1,0 +1,119 @@
+"""The fused chunk kernels (relexd.math.kernels) against the torch calls they replace, per 1 M elements.
+
+Both sides stream the same bf16 checkpoint and base, float32 basis rows and bf16 anchor through
+memory in 1 M-element chunks (the engine's ``CHUNK_ELEMS``), over arrays far larger than the CPU's
+caches, as an ingest does; one thread (one tensor per core, as the engine's workers). Rounds
+alternate the two sides; the table gives the median per side and their ratio.
+
+- pass 1: torch converts the checkpoint and the base to float32, subtracts, takes ‖x‖², Qᵀx and
+  the Gram products (:func:`relexd.math.sketch.chunk_products`), converts the anchor's two
+  vectors and takes their products with x (one ``mv``): the engine before the kernels.
+  Fused: :func:`relexd.math.kernels.pass1`.
+- pass 2: torch's new columns (rank 1: ``mul`` + ``add_``; rank 2: ``mm`` + ``addr_``) against
+  :func:`relexd.math.kernels.combine`.
+
+What it compares against is the torch path, not a memory floor: the ingest's floor is measured
+end to end by ``bench.scaling``; this says what the kernels changed.
+
+Run alone: ``python -m bench.kernels [--elements 16777216] [--rounds 7]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from bench.common import machine, markdown_table
+from relexd.math import kernels
+from relexd.math.sketch import chunk_products
+
+CHUNK = 1 << 20
+
+
+def _per_million(fn: Callable[[int, int], None], numel: int) -> float:
+    """Milliseconds per 1 M elements of ``fn`` over every chunk [i, j)."""
+    started = time.perf_counter()
+    for i in range(0, numel, CHUNK):
+        fn(i, min(i + CHUNK, numel))
+    return (time.perf_counter() - started) * 1e3 / (numel / 1e6)
+
+
+def measure(rank: int, numel: int, rounds: int) -> list[tuple[str, float, float]]:
+    g = torch.Generator().manual_seed(0)
+    ck = torch.randn(numel, generator=g).to(torch.bfloat16)
+    base = torch.randn(numel, generator=g).to(torch.bfloat16)
+    q = torch.randn(rank, numel, generator=g)
+    v, xa = (torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(2))
+    x = torch.empty(numel)
+    scratch, pair, out = torch.empty(CHUNK), torch.empty(2, CHUNK), torch.empty(rank, CHUNK)
+    coef = torch.randn(rank, rank + 1, generator=g)
+
+    def pass1_torch(i: int, j: int) -> None:
+        n = j - i
+        x[i:j].copy_(ck[i:j])
+        x[i:j].sub_(scratch[:n].copy_(base[i:j]))
+        chunk_products(q[:, i:j], x[i:j])
+        pair[0, :n].copy_(v[i:j])
+        pair[1, :n].copy_(xa[i:j])
+        torch.mv(pair[:, :n], x[i:j]).tolist()
+
+    def pass1_fused(i: int, j: int) -> None:
+        kernels.pass1(x[i:j], list(q[:, i:j]), (v[i:j], xa[i:j]), (ck[i:j], base[i:j]))
+
+    def pass2_torch(i: int, j: int) -> None:
+        acc = out[:, : j - i]
+        if rank == 1:
+            torch.mul(q[0, i:j], float(coef[0, 0]), out=acc[0])
+            acc[0].add_(x[i:j], alpha=float(coef[0, 1]))
+        else:
+            torch.mm(coef[:, :rank], q[:, i:j], out=acc)
+            acc.addr_(coef[:, rank], x[i:j])
+
+    def pass2_fused(i: int, j: int) -> None:
+        kernels.combine(list(out[:, : j - i]), list(q[:, i:j]), x[i:j], coef)
+
+    sides = {
+        "pass 1, torch": pass1_torch,
+        "pass 1, fused": pass1_fused,
+        "pass 2, torch": pass2_torch,
+        "pass 2, fused": pass2_fused,
+    }
+    for fn in sides.values():  # compile, fault the buffers in
+        fn(0, CHUNK)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            times[name].append(_per_million(fn, numel))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return [
+        ("pass 1", med["pass 1, torch"], med["pass 1, fused"]),
+        ("pass 2", med["pass 2, torch"], med["pass 2, fused"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--elements", type=int, default=1 << 24)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    rows = []
+    for rank in (1, 2):
+        for phase, t_torch, t_fused in measure(rank, args.elements, args.rounds):
+            rows.append((rank, phase, f"{t_torch:.2f}", f"{t_fused:.2f}", f"{t_torch / t_fused:.2f}×"))
+    table = markdown_table(["rank", "phase", "torch ms / 1 M", "fused ms / 1 M", "speed-up"], rows)
+    report = (
+        f"# Fused chunk kernels against torch\n\n{machine()}\n\n"
+        f"`python -m bench.kernels --elements {args.elements} --rounds {args.rounds}`: medians of "
+        f"{args.rounds} alternating rounds, one thread, 1 M-element chunks over arrays of "
+        f"{args.elements / 1e6:.0f} M elements\n\n{table}\n"
+    )
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
