@@ -346,10 +346,11 @@ def ingest(
 @dataclass
 class _ChunkBuffers:
     """One worker's chunk-sized buffers: ``raw`` receives stored bytes (checkpoint, base,
-    anchors; up to 8 bytes per element), ``pair`` two float32 conversions (a scored anchor's two
-    vectors, so that both dot products with the delta are one matrix-vector product: one read of
-    the delta's chunk instead of two), ``scratch`` its first row, ``old`` and ``out`` the old and
-    new sketch columns (width × chunk)."""
+    anchors; up to 8 bytes per element: the fused kernel reads the checkpoint into one half and
+    the base into the other), ``pair`` two float32 conversions (a scored anchor's two vectors, so
+    that both dot products with the delta are one matrix-vector product: one read of the delta's
+    chunk instead of two; for the fused kernel, its bytes hold the anchor's stored vectors),
+    ``scratch`` its first row, ``old`` and ``out`` the old and new sketch columns (width × chunk)."""
 
     raw: torch.Tensor
     pair: torch.Tensor

@@ -16,12 +16,16 @@ the caller streams column chunks of the old state and of x through
 2. :meth:`TensorUpdate.plan` — the small (T+1) × (k+1) SVD that decides the rotation,
 3. :meth:`TensorUpdate.new_columns` — the new state's chunk, width × n.
 
-Precision: the big arrays stay float32 and every chunk-level product runs in float32 BLAS (its
-blocked summation keeps the relative error near 1e-7); the per-chunk results are accumulated in
-float64 and all small matrices are float64. Converting whole chunks to float64 instead was measured
-to cost most of the ingest time for no accuracy the tests can see (batch SVD agreement stays
-below 1e-6). Each chunk's products depend only on that chunk, and their sums run in chunk order,
-so the result does not depend on who computes which tensor.
+Precision: the big arrays stay float32. Here (:meth:`TensorUpdate.accumulate`, the in-memory
+path and the engine's path at ranks above 2) every chunk-level product runs in float32 BLAS (its
+blocked summation keeps the relative error near 1e-7); the engine's fused kernel
+(:func:`relexd.math.kernels.pass1`, ranks ≤ 2 and Oja) sums the float32 products in float64
+instead. Either way the per-chunk results are accumulated in float64 and all small matrices are
+float64. Converting whole chunks to float64 was measured to cost most of the ingest time for no
+accuracy the tests can see (batch SVD agreement stays below 1e-6). Each chunk's products depend
+only on that chunk, and their sums run in chunk order, so the result does not depend on who
+computes which tensor. New columns (:meth:`TensorUpdate.new_columns`) come from the fused
+:func:`relexd.math.kernels.combine` at ranks ≤ 2, from torch's GEMM above.
 """
 
 from __future__ import annotations
