@@ -581,20 +581,15 @@ class CheckpointPass:
         return ckpt, self.base.reader.read_range(name, i, j, raw[half:])
 
     def _anchor_stored(
-        self, f: AnchorFiles, name: str, i: int, j: int, pair: torch.Tensor
+        self, f: AnchorFiles, name: str, i: int, j: int, into: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Elements [i, j) of an anchor's vectors (v, x) as stored: views of the mapped file where
-        the state is mapped (:meth:`_unmap_anchor` them once used), else read into the bytes of
-        the float32 buffer ``pair`` (one half each); converted into its rows if stored as neither
-        bfloat16 nor float32 (an anchor of an earlier configuration)."""
-        halves = pair.view(-1).view(torch.uint8).chunk(2)
+        the state is mapped (:meth:`_unmap_anchor` them once used), else read into the two byte
+        buffers ``into`` (at least 4 bytes per element each: anchors are bfloat16 or float32)."""
         out = []
-        for row, key in enumerate((f"v/{name}", f"x/{name}")):
+        for key, buf in zip((f"v/{name}", f"x/{name}"), into, strict=True):
             view = f.view_range(key, i, j) if self.maps_state else None
-            value = f.read_range(key, i, j, halves[row]) if view is None else view
-            if kernels.widen_shift(value.dtype) is None:
-                value = pair[row, : j - i].copy_(value)
-            out.append(value)
+            out.append(f.read_range(key, i, j, buf) if view is None else view)
         return out[0], out[1]
 
     def _unmap_anchor(self, f: AnchorFiles, name: str, i: int, j: int) -> None:
@@ -659,13 +654,9 @@ class CheckpointPass:
         def anchor_pair(f: AnchorFiles, i: int, j: int) -> torch.Tensor:
             """Elements [i, j) of an anchor's two vectors (v, x) in float32, rows of one buffer,
             converted from the mapped file (no copy out of the page cache first) or read."""
-            for row, key in enumerate((f"v/{name}", f"x/{name}")):
-                view = f.view_range(key, i, j) if self.maps_state else None
-                if view is None:
-                    as_f32(f.read_range(key, i, j, buf.raw), row)
-                else:
-                    as_f32(view, row)
-                    f.unmap(key, i, j)
+            for row, value in enumerate(self._anchor_stored(f, name, i, j, buf.raw.chunk(2))):
+                as_f32(value, row)
+            self._unmap_anchor(f, name, i, j)
             return buf.pair[:, : j - i]
 
         def old_columns(i: int, j: int) -> torch.Tensor:
@@ -696,7 +687,8 @@ class CheckpointPass:
                 delta_of = self._stored_pair(name, i, j, buf.raw) if forms_delta else None
                 anchor = None
                 if kernel_anchor is not None:
-                    anchor = self._anchor_stored(self.anchor_files[kernel_anchor], name, i, j, buf.pair)
+                    halves = buf.pair.view(-1).view(torch.uint8).chunk(2)  # raw holds ckpt and base
+                    anchor = self._anchor_stored(self.anchor_files[kernel_anchor], name, i, j, halves)
                 products = kernels.pass1(x[i:j], [q[r] for r in range(upd.rows_used)], anchor, delta_of)
                 if kernel_anchor is not None and products.anchor is not None:
                     self._unmap_anchor(self.anchor_files[kernel_anchor], name, i, j)

@@ -118,6 +118,8 @@ def pass1(
         ck_bits = base_bits = _EMPTY16
         ck_shift = base_shift = 0
     if anchor is not None:
+        if any(widen_shift(a.dtype) is None for a in anchor):
+            raise ValueError(f"pass1 takes anchors of bfloat16 or float32 only, not {anchor[0].dtype}")
         v_bits, xa_bits, a_shift = _bits(anchor[0]), _bits(anchor[1]), _SHIFTS[anchor[0].dtype]
     else:
         v_bits = xa_bits = _EMPTY16

@@ -151,3 +151,9 @@ def test_combine_refuses_what_it_cannot_hold() -> None:
         kernels.combine([z, z, z], [], z, torch.zeros(3, 1))
     with pytest.raises(ValueError, match="outputs"):
         kernels.combine([z], [z], z, torch.zeros(1, 1))  # no column for x
+
+
+def test_refuses_an_anchor_it_cannot_widen() -> None:
+    half = torch.zeros(8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="anchors of bfloat16 or float32"):
+        pass1(torch.zeros(8), [], (half, half))
