@@ -32,7 +32,8 @@ import numba
 import numpy as np
 import torch
 
-#: Elements per block: three float32 blocks (checkpoint, base, anchor) of 8 KiB stay in a 48 KiB L1.
+#: Elements per block: the float32 blocks of one pass (x, two basis rows, the base or two anchor
+#: vectors widened) of 8 KiB each stay in a 48 KiB L1.
 BLOCK = 2048
 
 #: Rows of the old basis the fused loop takes (Brand at rank ≤ 2, Oja); wider ones take torch.
@@ -155,10 +156,17 @@ def prepare(stored: set[torch.dtype], anchor: torch.dtype) -> None:
 def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_anchor, va, xa, a_shift, out):
     """out = [‖x‖², q0·x, q1·x, q0·q0, q1·q0, q1·q1, x·v_a, x·x_a]. Every loop runs over slices of
     one block: indexing a slice from 0 lets numba drop the negative-index check that otherwise
-    kept these loops from being vectorised (3× slower)."""
+    kept these loops from being vectorised (3× slower). The anchor's two vectors are widened first,
+    so that all products are taken in one loop that converts each element of x to float64 once
+    (separate loops per anchor vector were 1.2× slower at rank 1: ``python -m bench.kernels``);
+    the test of ``has_anchor`` inside it is hoisted out by the compiler."""
     n = x.shape[0]
     scratch = np.empty(BLOCK, np.uint32)
     widened = scratch.view(np.float32)
+    v_scratch = np.empty(BLOCK, np.uint32)
+    v_wide = v_scratch.view(np.float32)
+    xa_scratch = np.empty(BLOCK, np.uint32)
+    xa_wide = xa_scratch.view(np.float32)
     xsq = q0x = q1x = g00 = g10 = g11 = xv = xxa = 0.0
     cs = np.uint32(ck_shift)
     bs = np.uint32(base_shift)
@@ -177,19 +185,17 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
                 xb[i] = xb[i] - widened[i]
         if has_anchor:
             vb = va[start : start + m]
-            for i in range(m):
-                scratch[i] = np.uint32(vb[i]) << ash
-            for i in range(m):
-                xv += np.float64(widened[i]) * np.float64(xb[i])
             ab = xa[start : start + m]
             for i in range(m):
-                scratch[i] = np.uint32(ab[i]) << ash
-            for i in range(m):
-                xxa += np.float64(widened[i]) * np.float64(xb[i])
+                v_scratch[i] = np.uint32(vb[i]) << ash
+                xa_scratch[i] = np.uint32(ab[i]) << ash
         if k == 0:
             for i in range(m):
                 d = np.float64(xb[i])
                 xsq += d * d
+                if has_anchor:
+                    xv += np.float64(v_wide[i]) * d
+                    xxa += np.float64(xa_wide[i]) * d
         elif k == 1:
             r0 = q0[start : start + m]
             for i in range(m):
@@ -198,6 +204,9 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
                 xsq += d * d
                 q0x += a * d
                 g00 += a * a
+                if has_anchor:
+                    xv += np.float64(v_wide[i]) * d
+                    xxa += np.float64(xa_wide[i]) * d
         else:
             r0 = q0[start : start + m]
             r1 = q1[start : start + m]
@@ -211,6 +220,9 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
                 g00 += a * a
                 g10 += c * a
                 g11 += c * c
+                if has_anchor:
+                    xv += np.float64(v_wide[i]) * d
+                    xxa += np.float64(xa_wide[i]) * d
     out[0] = xsq
     out[1] = q0x
     out[2] = q1x
