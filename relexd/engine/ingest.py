@@ -61,6 +61,12 @@ if TYPE_CHECKING:
 #: and small enough that the float64 temporaries of a chunk stay a few tens of MB.
 CHUNK_ELEMS = 1 << 20
 
+#: Tensors of at most this many elements are the pool's fillers (:mod:`relexd.engine.pool`): a task
+#: costs about 1.7 ms of Python (GIL-bound) whatever its size, as much as ~0.5 M elements of the
+#: kernels' work at rank 1 (0.5B's 290 tensors shrunk to at most 16 K elements each took 0.5 s per
+#: ingest), so up to one chunk the fixed part is most of a task.
+FILLER_ELEMS = CHUNK_ELEMS
+
 #: Non-weight files copied from the newest checkpoint into previews (what a loader needs; never
 #: trainer internals such as optimizer or RNG state).
 #: Formats whose files are Hugging Face weight files (the preview can mirror their shards).
@@ -276,7 +282,10 @@ def run_tensors(
             on_tensor(name, work.base.reader.info(name).numel)
 
     costs = {n: work.task_bytes(n) for n in names}
-    return pool.run(costs, task, done, reverse_ties=work.observed % 2 == 1, in_flight=in_flight)
+    fillers = {n for n in names if work.base.reader.info(n).numel <= FILLER_ELEMS}
+    return pool.run(
+        costs, task, done, reverse_ties=work.observed % 2 == 1, in_flight=in_flight, fillers=fillers
+    )
 
 
 def ingest(

@@ -8,7 +8,12 @@ beside a trainer that keeps the cores busy that made it 10–100× slower (bench
 independent single-threaded tasks each progress whenever they get a core.
 
 Tasks start largest first (longest-processing-time-first scheduling: the big embedding does not
-start last and run alone) and only while the tensors in flight fit the memory budget. Tasks of equal
+start last and run alone) and only while the tensors in flight fit the memory budget. The one
+exception are the caller's ``fillers``: tasks whose time is mostly the fixed Python work of a task
+(a model's hundreds of biases and norms), which holds the GIL. Started last, as their size says,
+they ran on both cores of a 0.5B ingest at once, contending for the GIL, with half the cores idle
+for its last 0.3 s; spread evenly between the large tasks instead, each runs while the others
+compute without the GIL (:func:`interleave`). Tasks of equal
 cost (a model's many same-shaped layers) start in the caller's order, or reversed (``reverse_ties``):
 the engine alternates the two from one checkpoint to the next, for the page cache's sake (see
 :func:`relexd.engine.ingest.run_tensors`). Results are
@@ -18,7 +23,7 @@ depends on how many workers there were or which finished first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
@@ -79,6 +84,7 @@ class TensorPool(Closeable):
         *,
         reverse_ties: bool = False,
         in_flight: int | None = None,
+        fillers: Collection[str] = (),
     ) -> dict[str, R]:
         """Run ``task(name, abort)`` for every name of ``costs`` (name → bytes it holds while
         running); returns name → result.
@@ -89,11 +95,12 @@ class TensorPool(Closeable):
         sequential run would have met, whichever worker failed first. ``on_done`` runs in the
         calling thread as each task completes. ``reverse_ties`` starts tasks of equal cost in
         reverse order (which error is raised does not change). ``in_flight`` runs at most that many
-        tasks at once in this run (at most :attr:`workers` in any case).
+        tasks at once in this run (at most :attr:`workers` in any case). ``fillers`` start spread
+        between the others rather than by their cost (:func:`interleave`).
         """
         index = {name: i for i, name in enumerate(costs)}
         tie = -1 if reverse_ties else 1
-        waiting = sorted(costs, key=lambda n: (-costs[n], tie * index[n]))
+        waiting = interleave(sorted(costs, key=lambda n: (-costs[n], tie * index[n])), fillers)
         state = _Run(len(index))
         results: dict[str, R] = {}
         errors: dict[str, BaseException] = {}
@@ -147,3 +154,19 @@ class TensorPool(Closeable):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def interleave(ordered: Sequence[str], fillers: Collection[str]) -> list[str]:
+    """``ordered`` with its ``fillers`` spread evenly between the other names, each keeping its
+    relative order: the first other name first, then after each other name its share of the
+    fillers, rounded up (so none is left for after the last one where there are fewer fillers than
+    other names)."""
+    heavy = [n for n in ordered if n not in fillers]
+    light = [n for n in ordered if n in fillers]
+    if not heavy:
+        return light
+    out: list[str] = []
+    for i, name in enumerate(heavy):
+        out.append(name)
+        out.extend(light[-(-len(light) * i // len(heavy)) : -(-len(light) * (i + 1) // len(heavy))])
+    return out
