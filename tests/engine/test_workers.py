@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from relexd.engine import Engine, EngineConfig
 from relexd.engine.ingest import CHUNK_ELEMS
-from relexd.engine.pool import Cancelled, Cutoff, TensorPool, interleave
+from relexd.engine.pool import Cancelled, Cutoff, TensorPool, fillers_first
 from relexd.errors import CheckpointError
 from relexd.io.reader import WeightReader
 from relexd.state.store import SKETCH_FILE, read_snapshot
@@ -406,15 +406,15 @@ def test_pool_can_start_tasks_of_equal_cost_in_reverse() -> None:
         assert started == expected
 
 
-def test_fillers_start_spread_between_the_largest_tasks() -> None:
-    """Tasks that are mostly fixed (GIL-bound) work start between the large ones, not last."""
+def test_fillers_start_right_after_the_largest_task() -> None:
+    """Tasks that are mostly fixed (GIL-bound) work start while the largest one runs, not last."""
     costs = {"n1": 1, "big": 50, "m1": 20, "n2": 1, "m2": 20, "n3": 1, "n4": 1, "n5": 1, "m3": 20}
     started: list[str] = []
     with TensorPool(1) as pool:
         pool.run(costs, lambda name, _abort: started.append(name), fillers={"n1", "n2", "n3", "n4", "n5"})
-    assert started == ["big", "n1", "n2", "m1", "n3", "m2", "n4", "m3", "n5"]
-    assert interleave(["a", "b"], {"a", "b"}) == ["a", "b"]  # nothing to spread them between
-    assert interleave(["a", "x", "b", "c"], {"x"}) == ["a", "x", "b", "c"]  # never left for last
+    assert started == ["big", "n1", "n2", "n3", "n4", "n5", "m1", "m2", "m3"]
+    assert fillers_first(["a", "b"], {"a", "b"}) == ["a", "b"]
+    assert fillers_first(["a", "b", "x", "y"], {"x", "y"}) == ["a", "x", "y", "b"]
 
 
 def test_equal_tensors_are_computed_in_alternating_order_from_one_checkpoint_to_the_next(
