@@ -119,9 +119,15 @@ def test_reading_the_delta_inside_pass_1_changes_nothing(
     )
 
 
-@pytest.mark.parametrize("estimator", ["brand", "oja"])
+@pytest.mark.parametrize(
+    ("estimator", "horizons"), [("brand", (2.0,)), ("oja", (2.0,)), ("brand", (2.0, 1.25))]
+)
 def test_the_fused_pass_1_commits_the_state_of_torchs_products(
-    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, estimator: str
+    run: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    estimator: str,
+    horizons: tuple[float, ...],
 ) -> None:
     """Pass 1 runs in the fused kernel (relexd.math.kernels) at the default rank and for Oja,
     forming the delta itself from bfloat16 and float32 tensors (float16 ones are converted by
@@ -129,11 +135,14 @@ def test_the_fused_pass_1_commits_the_state_of_torchs_products(
     to float32 rounding (the kernel sums in float64, torch's BLAS in float32 blocks), as far as
     this run's conditioning lets float32 rounding show: its large tensors are mostly noise, so a
     second basis vector moves by up to 1e-3 between the two, while the top directions agree to
-    1e-9 in cosine, and both are as close to a batch SVD of the deltas (checked by hand)."""
+    1e-9 in cosine, and both are as close to a batch SVD of the deltas (checked by hand).
+
+    With two horizons the last two checkpoints score two anchors at once: the kernel takes the
+    first one's products, torch the other's, and each forecast must still match the torch run."""
     from relexd.math import kernels
 
     root, base = run
-    config = EngineConfig(estimator=estimator)
+    config = EngineConfig(estimator=estimator, horizons=horizons)
     calls: list[torch.dtype | None] = []
     real = kernels.pass1
 
@@ -164,6 +173,7 @@ def test_the_fused_pass_1_commits_the_state_of_torchs_products(
         assert meta_k["figures"][name] == pytest.approx(value, rel=1e-4), name
     forecasts_k, forecasts_t = meta_k["forecasts"], meta_t["forecasts"]
     assert forecasts_t and len(forecasts_k) == len(forecasts_t)
+    assert len({f["anchor_step"] for f in forecasts_k}) == len(horizons)  # (20, 40) at step 70
     for fk, ft in zip(forecasts_k, forecasts_t, strict=True):
         # looser: the anchors' vectors are stored in bfloat16, and a float32 value that sits on a
         # rounding boundary rounds either way (measured: 7e-4 apart on this noise-dominated run)
