@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from relexd.math import kernels
@@ -89,14 +90,17 @@ class SmallState:
             return torch.zeros(self.z.shape[0], dtype=F64)
         return self.z[:, 0]
 
+    # read through numpy: these run for every tensor at every checkpoint, and a torch index or
+    # reduction costs ~10 µs of Python each
+
     @property
     def sigma1_sq(self) -> float:
-        return float(self.sigma[0] ** 2) if self.sigma.numel() else 0.0
+        return float(self.sigma.numpy()[0]) ** 2 if self.sigma.numel() else 0.0
 
     @property
     def energy(self) -> float:
         """Σ_s ‖x_s‖²: the tensor's trajectory energy, the weight of its figures in model totals."""
-        return float(self.sqnorms.sum())
+        return float(self.sqnorms.numpy().sum())
 
 
 class TensorUpdate:
@@ -161,17 +165,21 @@ class BrandUpdate(TensorUpdate):
     L·Lᵀ, the basis Q·L⁻ᵀ is orthonormal and coordinates become Z·L. Float32 storage lets Q drift
     from orthonormality by ~1e-7 per update; folding the correction in costs only k × k work and keeps
     the sketch exact over thousands of updates.
+
+    The small matrices (k × k, (T+1) × (k+1)) are numpy arrays, not torch tensors: every tensor of a
+    model runs this once per checkpoint while holding the GIL, and torch's per-call overhead made it
+    ~0.4 ms per tensor, most of a small tensor's task (numpy: ~0.1 ms; ``python -m bench.small_math``).
     """
 
     def __init__(self, small: SmallState, width: int) -> None:
         super().__init__(small, width)
         self.rank = small.rank
-        self.qtx = torch.zeros(self.rank, dtype=F64)
-        self.gram = torch.zeros(self.rank, self.rank, dtype=F64)
+        self.qtx = np.zeros(self.rank)
+        self.gram = np.zeros((self.rank, self.rank))
         self.rsq: float | None = None  # ‖x − Q·c‖², once known
         self._exact_rsq = 0.0
-        self._coef: torch.Tensor | None = None  # G⁻¹Qᵀx: x's coordinates in the old basis
-        self._rotation: torch.Tensor | None = None  # maps [Q; x] to the new Q
+        self._coef: np.ndarray | None = None  # G⁻¹Qᵀx: x's coordinates in the old basis
+        self._rotation: np.ndarray | None = None  # maps [Q; x] to the new Q
         self._use_residual = False
 
     @property
@@ -181,8 +189,8 @@ class BrandUpdate(TensorUpdate):
     def add_products(self, p: ChunkProducts) -> None:
         self.xsq += p.xsq
         if self.rank:
-            self.qtx += _f64(list(p.qtx))
-            self.gram += _f64([list(row) for row in p.gram])
+            self.qtx += p.qtx
+            self.gram += p.gram
 
     def exact_residual_needed(self) -> bool:
         fast = self.xsq - float(self.qtx @ self._projection_coef()) if self.rank else self.xsq
@@ -191,18 +199,15 @@ class BrandUpdate(TensorUpdate):
         self.rsq = fast
         return False
 
-    def _projection_coef(self) -> torch.Tensor:
+    def _projection_coef(self) -> np.ndarray:
         if self._coef is None:
-            if self.rank:
-                self._coef = torch.linalg.solve(self.gram, self.qtx)
-            else:
-                self._coef = torch.zeros(0, dtype=F64)
+            self._coef = np.linalg.solve(self.gram, self.qtx) if self.rank else np.zeros(0)
         return self._coef
 
     def accumulate_residual(self, q: torch.Tensor, x: torch.Tensor) -> None:
         r = x
         if self.rank:
-            coef = self._projection_coef().to(torch.float32)
+            coef = torch.from_numpy(self._projection_coef().astype(np.float32))
             r = torch.addmv(x, q[: self.rank].T, coef, alpha=-1.0)
         self._exact_rsq += float(torch.dot(r, r))
         self.rsq = self._exact_rsq
@@ -214,39 +219,40 @@ class BrandUpdate(TensorUpdate):
         t = small.z.shape[0]
         k = self.rank
         if k:
-            chol = torch.linalg.cholesky(self.gram)  # G = L Lᵀ
-            z_old = small.z @ chol  # coordinates in the orthonormal basis Q L⁻ᵀ
+            chol = np.linalg.cholesky(self.gram)  # G = L Lᵀ
+            z_old = small.z.numpy() @ chol  # coordinates in the orthonormal basis Q L⁻ᵀ
             p = chol.T @ self._projection_coef()  # (Q L⁻ᵀ)ᵀ x
-            basis_fix = torch.linalg.inv(chol.T)  # Q rows @ L⁻ᵀ = orthonormal rows
+            basis_fix = np.linalg.inv(chol.T)  # Q rows @ L⁻ᵀ = orthonormal rows
         else:
-            z_old = small.z.reshape(t, 0)
-            p = torch.zeros(0, dtype=F64)
-            basis_fix = torch.zeros(0, 0, dtype=F64)
+            z_old = np.zeros((t, 0))
+            p = np.zeros(0)
+            basis_fix = np.zeros((0, 0))
         rho = max(self.rsq, 0.0) ** 0.5
         self._use_residual = rho > RESIDUAL_RTOL * max(self.xsq, 0.0) ** 0.5 and rho > 0.0
         cols = k + 1 if self._use_residual else k
-        big = torch.zeros(t + 1, cols, dtype=F64)
+        big = np.zeros((t + 1, cols))
         big[:t, :k] = z_old
         big[t, :k] = p
         if self._use_residual:
             big[t, k] = rho
+        sqnorms = torch.cat([small.sqnorms, _f64([self.xsq])])
         if cols == 0:  # every delta so far is exactly zero: nothing to estimate
-            self._rotation = torch.zeros(0, 0, dtype=F64)
-            self.small = SmallState(big, torch.cat([small.sqnorms, _f64([self.xsq])]), _f64([]))
+            self._rotation = np.zeros((0, 0))
+            self.small = SmallState(torch.from_numpy(big), sqnorms, _f64([]))
             return self.small
-        u, s, wt = torch.linalg.svd(big, full_matrices=False)
+        u, s, wt = np.linalg.svd(big, full_matrices=False)
         keep = min(self.width, cols)
         u, s, w = u[:, :keep], s[:keep], wt.T[:, :keep]
         # sign convention: newest coordinate ≥ 0 in every column (v's sign is otherwise arbitrary)
-        signs = torch.where(u[t] < 0, -1.0, 1.0).to(F64)
+        signs = np.where(u[t] < 0, -1.0, 1.0)
         u, w = u * signs, w * signs
-        rotation = torch.zeros(k + 1, keep, dtype=F64)
+        rotation = np.zeros((k + 1, keep))
         rotation[:k] = basis_fix @ w[:k]
         if self._use_residual:
             rotation[k] = w[k] / rho
-            rotation[:k] -= torch.outer(self._projection_coef(), w[k] / rho)
+            rotation[:k] -= np.outer(self._projection_coef(), w[k] / rho)
         self._rotation = rotation
-        self.small = SmallState(u * s, torch.cat([small.sqnorms, _f64([self.xsq])]), s)
+        self.small = SmallState(torch.from_numpy(u * s), sqnorms, torch.from_numpy(np.ascontiguousarray(s)))
         return self.small
 
     def new_columns(self, q: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,9 +260,10 @@ class BrandUpdate(TensorUpdate):
         assert self._rotation is not None, "plan() first"
         k = self.rank
         keep = self._rotation.shape[1]
-        rotation_t = self._rotation.T.to(torch.float32)  # keep × (k+1)
+        rotation_t = torch.from_numpy(self._rotation.T.astype(np.float32))  # keep × (k+1)
         out = self._out(x.shape[0], out)
-        out[keep:] = 0.0
+        if keep < out.shape[0]:
+            out[keep:] = 0.0
         acc = out[:keep]
         if k <= kernels.MAX_ROWS and 1 <= keep <= 2:
             # the default ranks: one fused loop (relexd.math.kernels.combine); its x column is zero
@@ -277,7 +284,7 @@ class BrandUpdate(TensorUpdate):
         k = self.rank
         if self._rotation.shape[1] == 0:
             return (float(self.gram[0, 0]) if k else 0.0), 0.0, 0.0
-        gram = torch.zeros(k + 1, k + 1, dtype=F64)  # [Q, x]ᵀ [Q, x]
+        gram = np.zeros((k + 1, k + 1))  # [Q, x]ᵀ [Q, x]
         gram[:k, :k] = self.gram
         gram[:k, k] = gram[k, :k] = self.qtx
         gram[k, k] = self.xsq
