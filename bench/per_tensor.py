@@ -70,7 +70,8 @@ def run(before: str, checkpoints: int, rank: int) -> str:
     return (
         f"# The fixed cost per tensor: {tensors} tensors of at most 16 K elements, rank {rank}\n\n"
         f"{machine()}\n\n`python -m bench.per_tensor --before {before} --checkpoints {checkpoints} "
-        f"--rank {rank}` ({default_workers()} workers; steady ingests only)\n\n{table}\n"
+        f"--rank {rank}` (relexd's default workers, {default_workers()} threads here; steady ingests "
+        f"only; per tensor: the ingest's time over its {tensors} tensors)\n\n{table}\n"
     )
 
 
