@@ -62,9 +62,9 @@ if TYPE_CHECKING:
 CHUNK_ELEMS = 1 << 20
 
 #: Tensors of at most this many elements are the pool's fillers (:mod:`relexd.engine.pool`): a task
-#: costs about 1.7 ms of Python (GIL-bound) whatever its size, as much as ~0.5 M elements of the
-#: kernels' work at rank 1 (0.5B's 290 tensors shrunk to at most 16 K elements each took 0.5 s per
-#: ingest), so up to one chunk the fixed part is most of a task.
+#: costs 1–2 ms of Python (GIL-bound) whatever its size, as much as ~0.5 M elements of the
+#: kernels' work at rank 1 (0.5B's 290 tensors shrunk to at most 16 K elements each: 0.4–0.9 s per
+#: ingest, ``python -m bench.per_tensor``), so up to one chunk the fixed part is most of a task.
 FILLER_ELEMS = CHUNK_ELEMS
 
 #: Non-weight files copied from the newest checkpoint into previews (what a loader needs; never

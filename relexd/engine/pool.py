@@ -14,10 +14,11 @@ exception are the caller's ``fillers``: tasks whose time is mostly the fixed Pyt
 they ran on both cores of a 0.5B ingest at once, contending for the GIL, with half the cores idle
 for its last 0.3 s; they start right after the largest task instead, and run while it computes
 without the GIL (:func:`fillers_first`). Not spread between the large tasks: a worker alternating
-between a large and a small tensor gives its large buffers back and faults them in again each time
-(0.45 s more system time per 0.5B ingest, measured). Tasks of equal
-cost (a model's many same-shaped layers) start in the caller's order, or reversed (``reverse_ties``):
-the engine alternates the two from one checkpoint to the next, for the page cache's sake (see
+between a large and a small tensor gives its large buffers back and faults them in again each
+time (0.47 s more system time per 0.5B rank-1 ingest:
+bench/results/full/page-cache-0.5b-r1-fillers-interleaved.md). Tasks of equal cost (a model's many
+same-shaped layers) start in the caller's order, or reversed (``reverse_ties``): the engine
+alternates the two from one checkpoint to the next, for the page cache's sake (see
 :func:`relexd.engine.ingest.run_tensors`). Results are
 handed back by name: the caller combines them in its own fixed order, so nothing it computes
 depends on how many workers there were or which finished first.
