@@ -162,9 +162,7 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
     bench/README.md, "6 Dec, morning"); the compiler hoists the test of ``has_anchor`` out of it."""
     n = x.shape[0]
     scratch = np.empty(BLOCK, np.uint32)
-    widened = scratch.view(np.float32)
-    v_scratch = np.empty(BLOCK, np.uint32)
-    v_wide = v_scratch.view(np.float32)
+    widened = scratch.view(np.float32)  # the base's block, then the anchor's v
     xa_scratch = np.empty(BLOCK, np.uint32)
     xa_wide = xa_scratch.view(np.float32)
     xsq = q0x = q1x = g00 = g10 = g11 = xv = xxa = 0.0
@@ -187,14 +185,14 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
             vb = va[start : start + m]
             ab = xa[start : start + m]
             for i in range(m):
-                v_scratch[i] = np.uint32(vb[i]) << ash
+                scratch[i] = np.uint32(vb[i]) << ash
                 xa_scratch[i] = np.uint32(ab[i]) << ash
         if k == 0:
             for i in range(m):
                 d = np.float64(xb[i])
                 xsq += d * d
                 if has_anchor:
-                    xv += np.float64(v_wide[i]) * d
+                    xv += np.float64(widened[i]) * d
                     xxa += np.float64(xa_wide[i]) * d
         elif k == 1:
             r0 = q0[start : start + m]
@@ -205,7 +203,7 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
                 q0x += a * d
                 g00 += a * a
                 if has_anchor:
-                    xv += np.float64(v_wide[i]) * d
+                    xv += np.float64(widened[i]) * d
                     xxa += np.float64(xa_wide[i]) * d
         else:
             r0 = q0[start : start + m]
@@ -221,7 +219,7 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
                 g10 += c * a
                 g11 += c * c
                 if has_anchor:
-                    xv += np.float64(v_wide[i]) * d
+                    xv += np.float64(widened[i]) * d
                     xxa += np.float64(xa_wide[i]) * d
     out[0] = xsq
     out[1] = q0x
