@@ -57,8 +57,9 @@ class WatchSettings:
     per_worker_metrics: bool = False  # with --ray: one series per worker
     once: bool = False  # ingest what is complete, refresh previews, exit
     #: ingest worker threads, each computing one tensor at a time (None: two per core this process
-    #: may use, at most 8, one per core computing while the state fits the page cache:
-    #: engine.config.default_workers and cached_in_flight); the results do not depend on it
+    #: may use, at most 8, one per core computing while the state fits the page cache, fewer
+    #: while other processes keep cores busy: engine.config.default_workers, cached_in_flight and
+    #: engine.cores); the results do not depend on it
     threads: int | None = None
     #: bytes the tensors in flight may hold (None: bounded by the worker count only); with --ray,
     #: per cluster worker

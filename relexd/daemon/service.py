@@ -628,6 +628,12 @@ class WatchService:
             pinned=waiting.pin is not None,
             **({"replaced_sketch": report.replaced_sketch} if report.replaced_sketch else {}),
             **({"new_sketch": report.new_sketch} if report.new_sketch else {}),
+            **({"tensors_in_flight": report.tensors_in_flight} if report.tensors_in_flight else {}),
+            **(
+                {"others_busy_cores": round(report.others_busy_cores, 2)}
+                if report.others_busy_cores is not None
+                else {}
+            ),
             **{k: v for k, v in report.figures.items() if v is not None},
         )
         return Outcome.INGESTED

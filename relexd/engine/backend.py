@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from relexd._closeable import Closeable
+from relexd.engine import cores
 from relexd.engine.base import BaseModel
+from relexd.engine.config import WORKERS_PER_CORE
 from relexd.engine.ingest import CheckpointPass, TensorResult, run_tensors
 from relexd.engine.pool import TensorPool
 from relexd.engine.preview import write_preview_files
@@ -57,11 +59,19 @@ class TensorBackend(Closeable):
 
 class LocalTensors(TensorBackend):
     """This host's worker threads: one sketch file, written by the transaction. ``cached_in_flight``:
-    tensors computed at once where the state fits the page cache (None: every worker)."""
+    tensors computed at once where the state fits the page cache (None: every worker).
+    ``others``: where given (relexd's default worker count), each ingest computes fewer tensors at
+    once while other processes keep this process's cores busy (:mod:`relexd.engine.cores`)."""
 
-    def __init__(self, pool: TensorPool, cached_in_flight: int | None = None) -> None:
+    def __init__(
+        self,
+        pool: TensorPool,
+        cached_in_flight: int | None = None,
+        others: cores.OtherProcesses | None = None,
+    ) -> None:
         self.pool = pool
         self.cached_in_flight = cached_in_flight
+        self.others = others
 
     def compute(
         self,
@@ -71,8 +81,16 @@ class LocalTensors(TensorBackend):
         on_tensor: Callable[[str, int], None] | None,
     ) -> tuple[dict[str, TensorResult], Partition | None]:
         work.open_writers(txn, work.base.tracked)
-        in_flight = self.cached_in_flight if work.fits_page_cache else None
-        return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor, in_flight), None
+        cap = self.cached_in_flight if work.fits_page_cache and self.cached_in_flight else self.pool.workers
+        if self.others is None:
+            work.in_flight = cap
+            return run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor, cap), None
+        work.others_busy = self.others.busy_cores()
+        per_core = 1 if work.fits_page_cache else WORKERS_PER_CORE  # as the default's cap
+        work.in_flight = cores.tensors_in_flight(cap, per_core, cores.available_cores(), work.others_busy)
+        with self.others.during():
+            results = run_tensors(work, self.pool, work.base.tracked, should_stop, on_tensor, work.in_flight)
+        return results, None
 
     def write_preview_files(
         self,

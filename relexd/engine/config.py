@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from relexd.engine.cores import available_cores
 from relexd.errors import ConfigError
 from relexd.math.sketch import ESTIMATORS, OJA_DEFAULT_ETA
 
@@ -91,7 +91,8 @@ MAX_DEFAULT_WORKERS = 8
 #: the help of the two engine options that change speed and memory, never results (both CLIs)
 THREADS_HELP = (
     f"Ingest worker threads, one tensor each (default: {WORKERS_PER_CORE} per core it may use, at "
-    f"most {MAX_DEFAULT_WORKERS}; one per core while the state fits the page cache)."
+    f"most {MAX_DEFAULT_WORKERS}; one per core while the state fits the page cache; fewer while other "
+    "processes keep cores busy)."
 )
 BUDGET_HELP = "Memory the tensors in flight may hold, e.g. 8G (default: no cap beyond --threads)."
 SPARE_HELP = (
@@ -105,7 +106,8 @@ def default_workers() -> int:
     may use, at most :data:`MAX_DEFAULT_WORKERS`. Beside a trainer relexd runs at a lower CPU
     priority, so it takes what the trainer leaves. Beside a process that keeps every core busy, two
     workers were slower than one in two runs of three on 2 cores (bench/README.md, issue 12), so
-    there ``--threads 1`` is the advice (README)."""
+    there ``--threads 1`` was the advice (README); the default now computes fewer tensors at once
+    by itself while other processes keep cores busy (:mod:`relexd.engine.cores`)."""
     return min(WORKERS_PER_CORE * available_cores(), MAX_DEFAULT_WORKERS)
 
 
@@ -117,14 +119,6 @@ def cached_in_flight() -> int:
     waking each other). Measured on 2 cores at 0.5B (bench/results/full/scaling-cached-default-5dec.md):
     4 in flight were the slowest in every round, 1.11× at rank 1 and 1.14× at rank 2."""
     return min(available_cores(), MAX_DEFAULT_WORKERS)
-
-
-def available_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a cgroup's cpuset or taskset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)

@@ -17,6 +17,7 @@ from relexd._closeable import Closeable
 from relexd.engine.backend import LocalTensors, TensorBackend
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig, cached_in_flight, default_workers
+from relexd.engine.cores import OtherProcesses
 from relexd.engine.ingest import IngestReport, ingest
 from relexd.engine.memory import pin_mmap_threshold
 from relexd.engine.pool import TensorPool
@@ -51,7 +52,8 @@ class Engine(Closeable):
     ) -> None:
         """``threads``: worker threads, each computing one tensor at a time on one core
         (:mod:`relexd.engine.pool`); None: relexd's default, :func:`default_workers` threads of
-        which :func:`cached_in_flight` compute at once where the state fits the page cache;
+        which :func:`cached_in_flight` compute at once where the state fits the page cache, fewer
+        while other processes keep the cores busy (:mod:`relexd.engine.cores`);
         ``memory_budget``: bytes the tensors in flight may hold; ``backend``: where tensors are
         computed instead (a cluster's workers, which have their own threads and budget; the engine
         closes it); ``spare_sketch``: overwrite the replaced generation's sketch file in place
@@ -61,7 +63,10 @@ class Engine(Closeable):
         local = backend is None
         if backend is None:
             pool = TensorPool(default_workers() if threads is None else threads, memory_budget)
-            backend = LocalTensors(pool, cached_in_flight() if threads is None else None)
+            if threads is None:
+                backend = LocalTensors(pool, cached_in_flight(), OtherProcesses())
+            else:
+                backend = LocalTensors(pool)
         self.backend = backend
         self._use_threads()
         self.state_dir = Path(state_dir)

@@ -115,6 +115,11 @@ class IngestReport:
     #: the state without the replaced sketch outgrows it), "cached" (through the page cache), or
     #: None (cluster workers wrote it)
     new_sketch: str | None = None
+    #: tensors computed at once (None: cluster workers decided), and the cores' worth of CPU other
+    #: processes used before this ingest, which made relexd's default take fewer
+    #: (:mod:`relexd.engine.cores`; None: not watched, or unknown)
+    tensors_in_flight: int | None = None
+    others_busy_cores: float | None = None
 
 
 Span = tuple[int, int]
@@ -348,7 +353,7 @@ def ingest(
     replaced = None if work.drop_replaced is None else ("dropped" if work.drop_replaced else "kept")
     return IngestReport(
         step, seconds, work.bytes_read, committed, new_meta["figures"], new_meta["forecasts"], replaced,
-        work.new_sketch_path(),
+        work.new_sketch_path(), work.in_flight, work.others_busy,
     )  # fmt: skip
 
 
@@ -446,6 +451,10 @@ class CheckpointPass:
         #: all this ingest reads or writes and the next one reads again fits the page cache (set by
         #: :meth:`open_writers`): then no task waits for the disk, and one per core is enough
         self.fits_page_cache = False
+        #: tensors the local backend computes at once, and the others' load that decided it
+        #: (:class:`IngestReport`)
+        self.in_flight: int | None = None
+        self.others_busy: float | None = None
         self.largest = max((base.reader.info(n).numel for n in base.tracked), default=0)
 
     def open_writers(self, txn: Transaction | PartWriters, names: Sequence[str]) -> None:

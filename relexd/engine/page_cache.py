@@ -26,16 +26,17 @@ measured, ingest after ingest on one state with a fresh checkpoint each time (be
 
 "Fits" compares the ingest's working set with the memory the kernel could give the page cache now:
 ``MemAvailable`` (free memory plus reclaimable cache, our own cached state included), capped by
-the memory limit of relexd's cgroup (v2 ``memory.max``), which page cache is charged to.
+the memory limit of relexd's cgroup and its ancestors (v2 ``memory.max``:
+:mod:`relexd.engine.cgroup`), which page cache is charged to.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from relexd.engine.cgroup import CGROUP, CGROUP_ROOT, interface_values
+
 MEMINFO = Path("/proc/meminfo")
-CGROUP = Path("/proc/self/cgroup")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def page_cache_room(
@@ -48,20 +49,8 @@ def page_cache_room(
         room = int(fields["MemAvailable"].split()[0]) * 1024  # "123456 kB"
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    limit = _cgroup_memory_max(cgroup, cgroup_root)
-    return room if limit is None else min(room, limit)
-
-
-def _cgroup_memory_max(cgroup: Path, cgroup_root: Path) -> int | None:
-    """The v2 ``memory.max`` of this process's cgroup ("0::/path"), or None when unlimited/unknown."""
-    try:
-        for line in cgroup.read_text().splitlines():
-            if line.startswith("0::"):
-                value = (cgroup_root / line[3:].lstrip("/") / "memory.max").read_text().strip()
-                return None if value == "max" else int(value)
-    except (OSError, ValueError):
-        pass
-    return None
+    limits = [int(v) for v in interface_values("memory.max", cgroup, cgroup_root) if v.isdigit()]
+    return min([room, *limits])
 
 
 def state_outgrows_page_cache(working_set: int, room: int | None) -> bool:

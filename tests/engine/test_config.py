@@ -26,6 +26,7 @@ def test_the_help_says_the_default() -> None:
     assert config.MAX_DEFAULT_WORKERS == 8 and config.WORKERS_PER_CORE == 2
     assert "2 per core" in config.THREADS_HELP and "at most 8" in config.THREADS_HELP
     assert "one per core while the state fits the page cache" in config.THREADS_HELP
+    assert "fewer while other processes keep cores busy" in config.THREADS_HELP
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,12 @@ def test_a_cgroup_memory_limit_caps_the_room(tmp_path: Path) -> None:
     assert page_cache_room(*_host(tmp_path, memory_max=str(8 << 30))) == 8 << 30
 
 
+def test_a_limit_up_the_tree_caps_the_room_too(tmp_path: Path) -> None:
+    meminfo, cgroup, root = _host(tmp_path, memory_max="max")
+    (root / "system.slice" / "memory.max").write_text(f"{6 << 30}\n")
+    assert page_cache_room(meminfo, cgroup, root) == 6 << 30
+
+
 def test_an_unlimited_or_unknown_cgroup_leaves_the_room(tmp_path: Path) -> None:
     assert page_cache_room(*_host(tmp_path, memory_max="max")) == 20000000 * 1024
     assert page_cache_room(*_host(tmp_path / "v1", cgroup="12:memory:/user.slice\n")) == 20000000 * 1024

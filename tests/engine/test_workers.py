@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relexd.engine import Engine, EngineConfig
-from relexd.engine.ingest import CHUNK_ELEMS
+from relexd.engine.ingest import CHUNK_ELEMS, IngestReport
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool, fillers_first
 from relexd.errors import CheckpointError
 from relexd.io.reader import WeightReader
@@ -51,10 +53,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _follow(
     root: Path, base: Path, state: Path, threads: int | None, config: EngineConfig, **kw: Any
-) -> None:
+) -> list[IngestReport]:
     with Engine(state, base, config, threads=threads, **kw) as engine:
-        for step in STEPS:
-            engine.ingest(root / f"checkpoint-{step}", step)
+        return [engine.ingest(root / f"checkpoint-{step}", step) for step in STEPS]
 
 
 def _committed(state: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -303,18 +304,54 @@ def test_a_state_with_the_earlier_row_major_sketch_continues(tmp_path: Path) -> 
     rewritten.close()
 
 
-@pytest.mark.parametrize(("fits", "most_at_once"), [(True, 1), (False, 2)])
-def test_the_default_computes_one_tensor_per_core_where_the_state_fits_the_page_cache(
-    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fits: bool, most_at_once: int
+class _Others:
+    """Stands in for :class:`relexd.engine.cores.OtherProcesses`: the others' load it reports."""
+
+    def __init__(self, busy: float | None) -> None:
+        self.busy = busy
+
+    def busy_cores(self) -> float | None:
+        return self.busy
+
+    @contextlib.contextmanager
+    def during(self) -> Iterator[None]:
+        yield
+
+
+@pytest.mark.parametrize(
+    ("cores", "fits", "others_busy", "most_at_once"),
+    [
+        (1, True, None, 1),
+        (1, False, None, 2),
+        (2, True, 0.2, 2),
+        (2, True, 1.0, 1),  # one core left: one tensor
+        (2, False, 1.0, 2),  # one core left, tasks that wait for the disk: two
+        (2, False, 0.0, 4),
+        (2, True, 5.0, 1),  # however busy: one
+    ],
+)
+def test_the_default_computes_one_tensor_per_idle_core_where_the_state_fits_the_page_cache(
+    run: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    fits: bool,
+    others_busy: float | None,
+    most_at_once: int,
 ) -> None:
-    """``threads=None`` (what ``relexd watch`` and ``extrapolate`` pass unless told): one core
-    gives a pool of two workers, both busy only where the state outgrows the page cache and a task
-    may wait for the disk. The committed state is the one worker's bit for bit."""
+    """``threads=None`` (what ``relexd watch`` and ``extrapolate`` pass unless told): two workers
+    per core, all busy only where the state outgrows the page cache and a task may wait for the
+    disk, one per core where it fits; fewer, in proportion, while other processes keep cores busy.
+    The committed state is the one worker's bit for bit."""
     from relexd.engine import config as config_module
+    from relexd.engine import cores as cores_module
+    from relexd.engine import engine as engine_module
     from relexd.engine import ingest as ingest_module
 
     root, base = run
-    monkeypatch.setattr(config_module, "available_cores", lambda: 1)
+    for module in (config_module, cores_module):
+        monkeypatch.setattr(module, "available_cores", lambda: cores)
+    monkeypatch.setattr(engine_module, "OtherProcesses", lambda: _Others(others_busy))
     if not fits:
         monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
     _follow(root, base, tmp_path / "one", 1, EngineConfig())
@@ -327,17 +364,28 @@ def test_the_default_computes_one_tensor_per_core_where_the_state_fits_the_page_
             running[0] += 1
             peak[0] = max(peak[0], running[0])
         try:
-            time.sleep(0.005)  # two tasks that may overlap do
+            time.sleep(0.005)  # tasks that may overlap do
             return run_tensor(self, name, stop)
         finally:
             with lock:
                 running[0] -= 1
 
     monkeypatch.setattr(ingest_module.CheckpointPass, "run_tensor", counted)
-    _follow(root, base, tmp_path / "default", None, EngineConfig())
+    reports = _follow(root, base, tmp_path / "default", None, EngineConfig())
     assert peak[0] == most_at_once
+    assert {(r.tensors_in_flight, r.others_busy_cores) for r in reports} == {(most_at_once, others_busy)}
     (meta_a, arrays_a), (meta_b, arrays_b) = _committed(tmp_path / "default"), _committed(tmp_path / "one")
     assert meta_a == meta_b and all(torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a)
+
+
+def test_a_chosen_thread_count_is_taken_as_given_however_busy_the_host(
+    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relexd.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "OtherProcesses", lambda: _Others(8.0))
+    reports = _follow(*run, tmp_path / "three", 3, EngineConfig())
+    assert {(r.tensors_in_flight, r.others_busy_cores) for r in reports} == {(3, None)}
 
 
 # -- the pool itself ---------------------------------------------------------------------------
