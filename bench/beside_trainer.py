@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import machine, markdown_table, scratch_dir
-from relexd.engine.config import available_cores
+from relexd.engine.cores import available_cores
 
 PRIORITY = ["nice", "-n", "10", "ionice", "-c", "2", "-n", "7"]
 ALONE = "alone"

@@ -19,7 +19,10 @@ tests/engine/test_workers.py):
 3. the ingest, in a subprocess per configuration that lives from the first checkpoint to the last
    (its VmHWM is the peak RSS), ``Engine(…, threads=N)`` opened once, exactly as ``relexd
    extrapolate``/``relexd watch`` hold it: what a process keeps between checkpoints counts as it
-   does for a user. Until 3 Dec each ingest ran
+   does for a user. ``threads`` 0 (:data:`DEFAULT`) is relexd's default, ``threads=None``: until
+   6 Dec the "default" rows ran ``threads=default_workers()``, which computes every worker's
+   tensor at once, where the default computes one per core while the state fits the page cache,
+   fewer while other processes keep cores busy (:mod:`relexd.engine.cores`). Until 3 Dec each ingest ran
    in a fresh process, which faulted in every buffer anew.
 
 floor = max(read floor, write floor) — issue 12's definition. Anchor checkpoints (the 2nd, 4th, 8th …
@@ -30,10 +33,11 @@ The "before" engine is the commit :data:`BEFORE_REV` (the last one without the w
 out into a temporary git worktree and imported from there by the subprocess; it runs with one torch
 thread, its default. ``spare=False`` runs today's engine with ``spare_sketch=False`` (a new sketch
 file per generation, as before the spare). A configuration may run ``busy``: one CPU-bound process
-at nice 0 (a trainer keeping a core busy) while relexd runs at nice 10, as the systemd unit sets it.
+at nice 0 (a trainer keeping a core busy) during its ingests, relexd at nice 10, as the systemd
+unit sets it.
 
-Run alone: ``python -m bench.ingest [--model 0.5b|1.5b] [--rank K] [--checkpoints N] [--threads 1 2]
-[--before] [--no-spare] [--busy]``.
+Run alone: ``python -m bench.ingest [--model 0.5b|1.5b] [--rank K] [--checkpoints N] [--threads 1 0]
+[--before] [--no-spare] [--busy | --only-busy]``.
 """
 
 from __future__ import annotations
@@ -55,16 +59,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import GB, MB, evict, markdown_table, plain_read
+from bench.common import GB, MB, cached_fraction, evict, markdown_table, plain_read
 from bench.common import scratch_dir as scratch
 from bench.synthetic import QWEN25_05B, QWEN25_7B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
-from relexd.engine.config import DEFAULT_RANK, default_workers
+from relexd.engine.config import DEFAULT_RANK
 from relexd.math.confidence import is_anchor_count
 
 MODELS = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
 REPO = Path(__file__).resolve().parents[1]
 #: the engine before issue 12 (one thread, row-major sketch, three passes, pread everywhere)
 BEFORE_REV = "95ab9ab"
+#: ``threads`` of relexd's default (``Engine(threads=None)``), as ``relexd watch`` runs unless told
+DEFAULT = 0
 
 #: the subprocess: open the engine once, then ingest each checkpoint named on stdin (a JSON
 #: [checkpoint, step] per line) and answer a JSON line with its seconds, the process's peak RSS so
@@ -86,7 +92,7 @@ def counters():
     return {"disk_read": int(io["read_bytes"]), "disk_write": int(io["write_bytes"]),
             "cpu_user": usage.ru_utime, "cpu_sys": usage.ru_stime}
 
-engine = Engine(Path(state), Path(base), config, threads=int(threads), **kw)
+engine = Engine(Path(state), Path(base), config, threads=int(threads) or None, **kw)
 try:
     for line in sys.stdin:
         ckpt, step = json.loads(line)
@@ -95,6 +101,8 @@ try:
         after = counters()
         hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
         out = {k: after[k] - before[k] for k in after} | {"ingest_s": report.seconds, "vm_hwm": hwm}
+        out |= {"in_flight": getattr(report, "tensors_in_flight", None),
+                "others_busy": getattr(report, "others_busy_cores", None)}
         print(json.dumps(out), flush=True)
 finally:
     engine.close()
@@ -138,7 +146,7 @@ class EngineChild:
             self._proc.wait()
             self._stderr.seek(0)
             raise RuntimeError(
-                f"{self.config.label} engine, {self.config.threads} thread(s), step {step}: "
+                f"{self.config.label} engine, {self.config.workers} thread(s), step {step}: "
                 f"exit {self._proc.returncode}\n" + self._stderr.read()[-4000:]
             )
         return json.loads(line)
@@ -161,6 +169,7 @@ HEADERS = [
     "rank",
     "engine",
     "threads",
+    "in flight (others' load, cores)",
     "ckpt #",
     "anchor",
     "ingest s",
@@ -179,7 +188,7 @@ class Config:
     """One engine configuration of the comparison."""
 
     engine: str  # "now" or "before"
-    threads: int
+    threads: int  # DEFAULT: relexd's default
     busy: bool = False
     spare: bool = True  # today's engine only: overwrite the spare sketch in place (its default)
 
@@ -189,10 +198,24 @@ class Config:
         return self.engine + spare + (" (busy host)" if self.busy else "")
 
     @property
+    def workers(self) -> str:
+        """The thread count as the tables show it."""
+        return "default" if self.threads == DEFAULT else str(self.threads)
+
+    @property
     def spare_arg(self) -> str:
         if self.engine == "before":
             return "default"  # that engine has no such option
         return "yes" if self.spare else "no"
+
+
+def _in_flight(rec: dict[str, Any]) -> str:
+    """Tensors the ingest computed at once, with the others' load that decided it where the
+    default watched it ("" for an engine that does not say)."""
+    if rec.get("in_flight") is None:
+        return ""
+    busy = rec.get("others_busy")
+    return f"{rec['in_flight']}" + ("" if busy is None else f" ({busy:.2f})")
 
 
 def current_sketch(state: Path) -> Path | None:
@@ -253,7 +276,13 @@ def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: in
     trainer and the last ingest left them.
 
     Why beside the issue's floor: the floor is the larger of reading and writing *alone*, which
-    only a disk that serves reads and writes in parallel at full speed lets any program reach."""
+    only a disk that serves reads and writes in parallel at full speed lets any program reach.
+
+    A ``cold`` file that was mostly cached is read back into the page cache afterwards (untimed):
+    where the state fits the page cache the engine keeps it there, and the ingest timed next must
+    find it as the last ingest left it (until 6 Dec its 1.5B rank-1 ingests read it from the disk
+    after this: 11-14 s against 8 s)."""
+    warm_again = cold is not None and (cached_fraction([cold]) or 0.0) >= 0.5
     if cold is not None:
         evict(cold)
     path = directory / "write-at-once.bin"
@@ -264,6 +293,8 @@ def read_while_writing(read_paths: Sequence[Path], cold: Path | None, nbytes: in
         reading.result()  # a failed read raises here instead of passing for a fast one
         took = time.perf_counter() - start
     path.unlink()
+    if warm_again:
+        plain_read([cold])
     return took
 
 
@@ -360,7 +391,8 @@ def run(
                     records.append(record)
                     rows.append(
                         [
-                            shape.name, rank, config.label, config.threads, n, "yes" if anchor else "",
+                            shape.name, rank, config.label, config.workers, _in_flight(rec), n,
+                            "yes" if anchor else "",
                             rec["ingest_s"], read_s, write_s, rec["ingest_s"] / floor,
                             rec["disk_read"] / GB, rec["disk_write"] / GB,
                             rec["vm_hwm"] / MB, rec["vm_hwm"] / largest_f32,
@@ -421,7 +453,7 @@ def summary_rows(result: dict[str, Any], siblings: Sequence[dict[str, Any]] = ()
         ratio = {k: (v / mean[config] if v else None) for k, v in ratio.items()}
         out.append(
             [
-                result["model"], result["rank"], config.label, config.threads, len(rs), mean[config], floor,
+                result["model"], result["rank"], config.label, config.workers, len(rs), mean[config], floor,
                 mean[config] / floor, ratio["before"], ratio["one"],
                 ratio["no_spare"], peak / MB, peak / result["largest_f32"],
             ]
@@ -459,7 +491,8 @@ def report(results: list[dict[str, Any]]) -> str:
 
 def default_configs(threads: Sequence[int], before: bool, busy: bool, no_spare: bool = False) -> list[Config]:
     configs = [Config("before", 1)] if before else []
-    configs += [Config("now", max(threads), spare=False)] if no_spare else []
+    most = DEFAULT if DEFAULT in threads else max(threads)
+    configs += [Config("now", most, spare=False)] if no_spare else []
     configs += [Config("now", n) for n in threads]
     if busy:
         configs += [Config("now", n, busy=True) for n in threads]
@@ -472,12 +505,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="0.5b")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK)
     p.add_argument("--checkpoints", type=int, default=5)
-    p.add_argument("--threads", type=int, nargs="+", default=sorted({1, default_workers()}))
+    p.add_argument("--threads", type=int, nargs="+", default=[1, DEFAULT], help="0: relexd's default")
     p.add_argument("--before", action="store_true", help=f"also the engine of {BEFORE_REV}")
     p.add_argument("--busy", action="store_true", help="also with one core kept busy, relexd at nice 10")
     p.add_argument("--no-spare", action="store_true", help="also without the spare sketch (most threads)")
+    p.add_argument("--only-busy", action="store_true", help="only the configurations on a busy host")
     args = p.parse_args(argv)
-    configs = default_configs(args.threads, args.before, args.busy, args.no_spare)
+    configs = default_configs(args.threads, args.before, args.busy or args.only_busy, args.no_spare)
+    if args.only_busy:
+        configs = [c for c in configs if c.busy]
     print(report([run(MODELS[args.model], args.rank, args.checkpoints, configs)]))
 
 

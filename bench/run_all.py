@@ -27,7 +27,7 @@ from pathlib import Path
 from bench import ingest, preview_write
 from bench.common import machine, scratch_dir
 from bench.synthetic import QWEN25_05B, QWEN25_15B
-from relexd.engine.config import DEFAULT_RANK, default_workers
+from relexd.engine.config import DEFAULT_RANK
 
 BENCHMARKS = (
     "accuracy", "accuracy-demo", "batch", "ingest", "preview", "formats", "demo", "trust", "beside",
@@ -45,7 +45,7 @@ def run_ingest_and_preview(
     worker pool and today's at 1 worker and at the default count; then a busy host (one core kept
     busy, relexd at nice 10); ``--large`` adds the 1.5B shapes.
     """
-    cores = sorted({1, default_workers()})
+    cores = [1, ingest.DEFAULT]
     out: dict[str, str] = {}
     with scratch_dir("run-all") as tmp:
         if quick:

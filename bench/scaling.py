@@ -16,7 +16,8 @@ its first ingest, leaving the page cache as it found it (:func:`bench.common.pla
 With ``--at-once`` the round also times those reads and that write at once, the
 old sketch dropped from the page cache first: the I/O of an ingest whose state outgrows the page
 cache, on a disk that must serve both (the floor assumes one that serves them in parallel at full
-speed).
+speed). An old sketch that was cached is read back afterwards, untimed, so the ingest finds it
+where the engine left it.
 
 The equality check: the state is copied once, the next checkpoint is ingested with N = 1 into one
 copy and with the largest N into the other, and every committed file is compared byte for byte
@@ -56,7 +57,8 @@ from bench.common import scratch_dir as scratch
 from bench.ingest import MODELS, current_sketch, read_while_writing, write_floor
 from bench.synthetic import ModelShape, Trajectory
 from relexd.engine import Engine, EngineConfig
-from relexd.engine.config import DEFAULT_RANK, available_cores, default_workers
+from relexd.engine.config import DEFAULT_RANK, default_workers
+from relexd.engine.cores import available_cores
 from relexd.math.confidence import is_anchor_count
 
 BUILD_CHECKPOINTS = 4
