@@ -7,8 +7,8 @@ memory again. :func:`pass1` does all of it in one loop over blocks small enough 
 first-level cache, reading every input once and writing only the delta; :func:`combine` does pass
 2's new columns in one loop too. Measured on one core of an Intel Xeon 2-vCPU VM, per 1 M elements
 of arrays far larger than its caches (``python -m bench.kernels``,
-bench/results/full/kernels-6dec.md): pass 1 3.5 ms with torch against 2.5 at rank 1, 5.2 against
-3.0 at rank 2; pass 2 1.0 against 0.7 and 2.3 against 1.4. The float32 products are summed in
+bench/results/full/kernels-6dec-day.md): pass 1 4.3 ms with torch against 2.2 at rank 1, 5.7
+against 2.8 at rank 2; pass 2 1.1 against 0.9 and 2.4 against 1.5. The float32 products are summed in
 float64 element by element, more accurate than float32 BLAS (which sums in float32 blocks).
 
 torch.compile was measured too (bench/README.md, 5 Dec) but needs a C++ compiler in the daemon;
@@ -152,6 +152,19 @@ def prepare(stored: set[torch.dtype], anchor: torch.dtype) -> None:
     combine([torch.zeros(1)], [], x, torch.zeros(1, 1))
 
 
+@numba.njit(inline="always", fastmath=_FAST, nogil=True)
+def _widen(dst, src, m, shift):
+    """dst[:m] = the float32 bits of the stored values src[:m] (:func:`widen_shift`). One loop per
+    shift, each with a constant: shifted by a variable, numba's integer typing widened every
+    element to 64 bits and back (three instructions per four elements instead of two per eight)."""
+    if shift == 16:
+        for i in range(m):
+            dst[i] = np.uint32(src[i]) << 16
+    else:
+        for i in range(m):
+            dst[i] = np.uint32(src[i])
+
+
 @_jit
 def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_anchor, va, xa, a_shift, out):
     """out = [‖x‖², q0·x, q1·x, q0·q0, q1·q0, q1·q1, x·v_a, x·x_a]. Every loop runs over slices of
@@ -159,16 +172,15 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
     kept these loops from being vectorised (3× slower). The anchor's two vectors are widened first,
     so that all products are taken in one loop that converts each element of x to float64 once
     (a loop of its own per anchor vector took 2.9 ms per 1 M elements at rank 1 against 2.4:
-    bench/README.md, "6 Dec, morning"); the compiler hoists the test of ``has_anchor`` out of it."""
+    bench/README.md, "6 Dec, morning"). That loop is written out with and without the anchor: the
+    compiler did not take the test of ``has_anchor`` out of it by itself, and the loop with it
+    inside took 1.16-1.25× the time at rank 1 with an anchor (bench/README.md, "6 Dec, day")."""
     n = x.shape[0]
     scratch = np.empty(BLOCK, np.uint32)
     widened = scratch.view(np.float32)  # the base's block, then the anchor's v
     xa_scratch = np.empty(BLOCK, np.uint32)
     xa_wide = xa_scratch.view(np.float32)
     xsq = q0x = q1x = g00 = g10 = g11 = xv = xxa = 0.0
-    cs = np.uint32(ck_shift)
-    bs = np.uint32(base_shift)
-    ash = np.uint32(a_shift)
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
         xb = x[start : start + m]
@@ -176,51 +188,71 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
             xbits = x_bits[start : start + m]
             cb = ck[start : start + m]
             bb = base[start : start + m]
-            for i in range(m):
-                xbits[i] = np.uint32(cb[i]) << cs
-                scratch[i] = np.uint32(bb[i]) << bs
+            _widen(xbits, cb, m, ck_shift)
+            _widen(scratch, bb, m, base_shift)
             for i in range(m):
                 xb[i] = xb[i] - widened[i]
         if has_anchor:
             vb = va[start : start + m]
             ab = xa[start : start + m]
-            for i in range(m):
-                scratch[i] = np.uint32(vb[i]) << ash
-                xa_scratch[i] = np.uint32(ab[i]) << ash
+            _widen(scratch, vb, m, a_shift)
+            _widen(xa_scratch, ab, m, a_shift)
         if k == 0:
-            for i in range(m):
-                d = np.float64(xb[i])
-                xsq += d * d
-                if has_anchor:
+            if has_anchor:
+                for i in range(m):
+                    d = np.float64(xb[i])
+                    xsq += d * d
                     xv += np.float64(widened[i]) * d
                     xxa += np.float64(xa_wide[i]) * d
+            else:
+                for i in range(m):
+                    d = np.float64(xb[i])
+                    xsq += d * d
         elif k == 1:
             r0 = q0[start : start + m]
-            for i in range(m):
-                d = np.float64(xb[i])
-                a = np.float64(r0[i])
-                xsq += d * d
-                q0x += a * d
-                g00 += a * a
-                if has_anchor:
+            if has_anchor:
+                for i in range(m):
+                    d = np.float64(xb[i])
+                    a = np.float64(r0[i])
+                    xsq += d * d
+                    q0x += a * d
+                    g00 += a * a
                     xv += np.float64(widened[i]) * d
                     xxa += np.float64(xa_wide[i]) * d
+            else:
+                for i in range(m):
+                    d = np.float64(xb[i])
+                    a = np.float64(r0[i])
+                    xsq += d * d
+                    q0x += a * d
+                    g00 += a * a
         else:
             r0 = q0[start : start + m]
             r1 = q1[start : start + m]
-            for i in range(m):
-                d = np.float64(xb[i])
-                a = np.float64(r0[i])
-                c = np.float64(r1[i])
-                xsq += d * d
-                q0x += a * d
-                q1x += c * d
-                g00 += a * a
-                g10 += c * a
-                g11 += c * c
-                if has_anchor:
+            if has_anchor:
+                for i in range(m):
+                    d = np.float64(xb[i])
+                    a = np.float64(r0[i])
+                    c = np.float64(r1[i])
+                    xsq += d * d
+                    q0x += a * d
+                    q1x += c * d
+                    g00 += a * a
+                    g10 += c * a
+                    g11 += c * c
                     xv += np.float64(widened[i]) * d
                     xxa += np.float64(xa_wide[i]) * d
+            else:
+                for i in range(m):
+                    d = np.float64(xb[i])
+                    a = np.float64(r0[i])
+                    c = np.float64(r1[i])
+                    xsq += d * d
+                    q0x += a * d
+                    q1x += c * d
+                    g00 += a * a
+                    g10 += c * a
+                    g11 += c * c
     out[0] = xsq
     out[1] = q0x
     out[2] = q1x
