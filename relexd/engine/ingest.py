@@ -116,7 +116,7 @@ class IngestReport:
     #: None (cluster workers wrote it)
     new_sketch: str | None = None
     #: tensors computed at once (None: cluster workers decided), and the cores' worth of CPU other
-    #: processes used before this ingest, which made relexd's default take fewer
+    #: processes used during relexd's last ingests, which made relexd's default take fewer
     #: (:mod:`relexd.engine.cores`; None: not watched, or unknown)
     tensors_in_flight: int | None = None
     others_busy_cores: float | None = None
