@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench import ingest, preview_write
 from bench.common import machine, scratch_dir
-from bench.synthetic import QWEN25_05B, QWEN25_15B
+from bench.synthetic import QWEN25_05B, QWEN25_15B, ModelShape
 from relexd.engine.config import DEFAULT_RANK
 
 BENCHMARKS = (
@@ -36,42 +37,50 @@ BENCHMARKS = (
 RESULTS = Path(__file__).parent / "results"
 
 
+def ingest_plan(quick: bool, large: bool) -> list[tuple[ModelShape, int, int, list[ingest.Config]]]:
+    """The ingest runs, each ``(shape, rank, checkpoints, [one configuration])``; the first is today's
+    engine at relexd's default, whose final state the preview benchmark reuses.
+
+    Each configuration follows its run alone, with its own state, one after another on the same
+    seeded checkpoints: one relexd following one run has one state, and until 6 Dec this bench kept
+    four side by side, whose states together outgrew the page cache and made every ratio the page
+    cache's worst case. The summary compares the runs of one model and rank with each other
+    (:func:`bench.ingest.summary_rows`).
+
+    Full mode: 0.5B shapes at the default rank and at rank 1, each with today's engine at the default
+    worker count, at 1 worker and without the spare sketch, and the engine before the worker pool;
+    then a busy host (one core kept busy, relexd at nice 10). ``--large`` adds the 1.5B shapes,
+    today's engine at the default and at 1 worker and the engine before."""
+    now, one = ingest.Config("now", ingest.DEFAULT), ingest.Config("now", 1)
+    before = ingest.Config("before", 1)
+    no_spare = ingest.Config("now", ingest.DEFAULT, spare=False)
+    if quick:
+        return [(QWEN25_05B.smaller(2, 16384), DEFAULT_RANK, 3, [config]) for config in (now, one)]
+    plan = [
+        (QWEN25_05B, rank, 5, [config])
+        for rank in (DEFAULT_RANK, 1)
+        for config in (now, one, no_spare, before)
+    ]
+    plan += [(QWEN25_05B, DEFAULT_RANK, 3, [replace(config, busy=True)]) for config in (one, now, before)]
+    if large:
+        plan += [
+            (QWEN25_15B, rank, 3, [config]) for rank in (DEFAULT_RANK, 1) for config in (now, one, before)
+        ]
+    return plan
+
+
 def run_ingest_and_preview(
     quick: bool, do_ingest: bool, do_preview: bool, large: bool = False
 ) -> dict[str, str]:
-    """Ingest configurations; the first one's final state is reused by the preview benchmark.
-
-    Full mode: 0.5B shapes at the default rank and at rank 1, each with the engine before the
-    worker pool and today's at 1 worker and at the default count; then a busy host (one core kept
-    busy, relexd at nice 10); ``--large`` adds the 1.5B shapes.
-    """
-    cores = [1, ingest.DEFAULT]
+    """The runs of :func:`ingest_plan`, one after another; the first one's final state is reused by
+    the preview benchmark."""
     out: dict[str, str] = {}
     with scratch_dir("run-all") as tmp:
-        if quick:
-            shape = QWEN25_05B.smaller(2, 16384)
-            plan = [(shape, DEFAULT_RANK, 3, ingest.default_configs(cores, before=False, busy=False))]
-        else:
-            shape = QWEN25_05B
-            plan = [
-                (QWEN25_05B, DEFAULT_RANK, 5, ingest.default_configs(cores, True, False, no_spare=True)),
-                (QWEN25_05B, 1, 5, ingest.default_configs(cores, True, False, no_spare=True)),
-                (QWEN25_05B, DEFAULT_RANK, 3, ingest.default_configs(cores, before=True, busy=True)[-3:]),
-            ]
-            if large:
-                # today's engine at the default worker count only: a 1.5B rank-2 state with its
-                # spare and an anchor is ~31 GB, and every further configuration adds one
-                most = ingest.default_configs(cores[-1:], before=False, busy=False)
-                plan += [(QWEN25_15B, DEFAULT_RANK, 3, most), (QWEN25_15B, 1, 3, most)]
-                # the engine before issue 12 on the same 1.5B checkpoints (the trajectory is
-                # seeded), each in a run of its own so that its state and today's never share the disk
-                before = [ingest.Config("before", 1)]
-                plan += [(QWEN25_15B, DEFAULT_RANK, 3, before), (QWEN25_15B, 1, 3, before)]
-        first, *rest = plan
+        first, *rest = ingest_plan(quick, large)
         results = [ingest.run(*first, keep_state=tmp / "kept")]
         if do_preview:
             pv = preview_write.run(tmp / "kept" / "state", tmp / "kept" / "base", tmp)
-            out["preview"] = f"model shape {shape.name}\n\n" + preview_write.report(pv)
+            out["preview"] = f"model shape {first[0].name}\n\n" + preview_write.report(pv)
         if do_ingest:
             results += [ingest.run(*args) for args in rest]
             out["ingest"] = ingest.report(results)
@@ -83,7 +92,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small shapes and few steps (minutes)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
     p.add_argument(
-        "--large", action="store_true", help="also 1.5B shapes: today's engine and the one before (+~35 min)"
+        "--large",
+        action="store_true",
+        help="also 1.5B shapes: today's engine at the default and at 1 worker, and the one before (+~25 min)",
     )
     args = p.parse_args()
     mode = "quick" if args.quick else "full"
