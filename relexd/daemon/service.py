@@ -657,6 +657,7 @@ class WatchService:
         )
         if lag is not None:
             self.metrics.set_lag(max(lag, 0.0))
+        self.metrics.set_ingest_cores(report.tensors_in_flight, report.others_busy_cores)
         self._publish_confidence(report.snapshot.meta)
         return lag
 

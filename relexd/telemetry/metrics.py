@@ -185,6 +185,25 @@ _EVAL_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
 }
 
+#: How the newest ingest on this host used its cores (:mod:`relexd.engine.cores`); absent until an
+#: ingest says: with ``--ray`` the workers decide, and an explicit ``--threads`` watches no one.
+_CORES_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "relexd_ingest_tensors_in_flight": (
+        "Tensors the newest ingest computed at once, one worker thread each. relexd's default is "
+        "one per core it may use (two while its state outgrows the page cache; at most 8) less "
+        "the cores other processes kept busy (relexd_ingest_others_busy_cores); an explicit "
+        "--threads is taken as given. Absent until the first ingest, and with --ray.",
+        (),
+    ),
+    "relexd_ingest_others_busy_cores": (
+        "Cores' worth of CPU other processes (a trainer) used on relexd's cores during its "
+        "earlier ingests; the default worker count left them to the others for the newest "
+        "ingest. Absent with an explicit --threads, with --ray, and until ingests of half a "
+        "second in all were measured.",
+        (),
+    ),
+}
+
 EVAL_OUTCOMES = ("ok", "timeout", "exit", "no_score", "cannot_run", "gone", "superseded")
 EVAL_FAILURES = ("timeout", "exit", "no_score", "cannot_run")
 
@@ -330,6 +349,7 @@ class RelexdMetrics:
         families.update({name: (doc, ("horizon",)) for name, doc in _FORECAST_HELP.items()})
         families[_STALL_THRESHOLD] = (_STALL_THRESHOLD_HELP, ())
         families.update(_EVAL_HELP)
+        families.update(_CORES_HELP)
         if per_tensor:
             families["relexd_tensor_energy_ratio"] = (_TENSOR_ENERGY_HELP, ("tensor",))
         if per_worker:
@@ -590,6 +610,22 @@ class RelexdMetrics:
 
     def set_lag(self, seconds: float) -> None:
         self.ingest_lag.set(seconds)
+
+    def set_ingest_cores(self, tensors_in_flight: int | None, others_busy_cores: float | None) -> None:
+        """Publish how the newest ingest used the cores (None: unknown, and the series removed)."""
+        if tensors_in_flight is not None and tensors_in_flight < 1:
+            raise ValueError(f"tensors in flight must be at least 1: {tensors_in_flight!r}")
+        busy = _known(others_busy_cores)
+        if busy is not None and busy < 0:
+            raise ValueError(f"others' busy cores must not be negative: {others_busy_cores!r}")
+        self._optional.replace_many(
+            {
+                "relexd_ingest_tensors_in_flight": (
+                    {} if tensors_in_flight is None else {(): float(tensors_in_flight)}
+                ),
+                "relexd_ingest_others_busy_cores": {} if busy is None else {(): busy},
+            }
+        )
 
     def set_stall_threshold(self, seconds: float | None) -> None:
         """Export the per-run stall threshold used by the RelexCheckpointStalled alert.

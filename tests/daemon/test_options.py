@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from relexd.engine.config import default_workers
 from tests.daemon.trainer_sim import Daemon, hf_save, make_base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,33 @@ def test_per_tensor_metrics_only_when_asked(tmp_path: Path) -> None:
             assert (value is not None) is expected, flag
             if expected:
                 assert 0.0 < value <= 1.0
+        finally:
+            assert daemon.stop() == 0
+
+
+def test_the_cores_each_ingest_used_are_published(tmp_path: Path) -> None:
+    """relexd_ingest_tensors_in_flight says what the newest ingest computed at once: the user's
+    --threads as given, and with the default at least one and at most the default's workers.
+    The others' busy cores are absent with --threads (nobody is watched), and with the default
+    until ingests of half a second in all were measured (these tiny ones take milliseconds)."""
+    planted, base = make_base(tmp_path, noise=0.001)
+    run = tmp_path / "run"
+    for s in (10, 20, 30):
+        hf_save(run, s, planted.at(s))
+    for flag in ("--threads=3", None):
+        root = tmp_path / (flag or "default")
+        root.mkdir()
+        daemon = Daemon(root, run, base, *([flag] if flag else []), "--debounce", "0.1")
+        try:
+            daemon.wait_url()
+            daemon.wait_for(lambda d=daemon: d.metric("relexd_observed_checkpoints") == 3, what="metrics")
+            in_flight = daemon.metric("relexd_ingest_tensors_in_flight")
+            busy = daemon.metric("relexd_ingest_others_busy_cores")
+            if flag:
+                assert (in_flight, busy) == (3, None)
+            else:
+                assert in_flight is not None and 1 <= in_flight <= default_workers()
+                assert busy is None or busy >= 0
         finally:
             assert daemon.stop() == 0
 

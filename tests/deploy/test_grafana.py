@@ -54,6 +54,7 @@ def exposed_names() -> set[str]:
     )
     m.set_tensor_figures({"w": 1.0})
     m.set_stall_threshold(60)
+    m.set_ingest_cores(2, 0.5)
     m.observe_preview_written("t", 2, 1.0)
     m.set_eval_score("t", 1.0)
     m.set_eval_figures(checkpoint=(2, 0.5), realized={"2x": (0.5, 0.1)}, leads={"t": (0.1, 1, "2x")})

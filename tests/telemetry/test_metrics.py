@@ -187,6 +187,22 @@ def test_stall_threshold_absent_until_set() -> None:
         m.set_stall_threshold(0)
 
 
+def test_ingest_cores_absent_until_an_ingest_says_and_removed_when_it_does_not() -> None:
+    m = RelexdMetrics()
+    names = ("relexd_ingest_tensors_in_flight", "relexd_ingest_others_busy_cores")
+    assert [samples(m, n) for n in names] == [{}, {}]  # HELP exposed, no value yet
+    m.set_ingest_cores(2, 0.75)
+    assert [samples(m, n) for n in names] == [{(): 2.0}, {(): 0.75}]
+    m.set_ingest_cores(3, None)  # an explicit --threads: nobody watched
+    assert [samples(m, n) for n in names] == [{(): 3.0}, {}]
+    m.set_ingest_cores(None, float("nan"))  # --ray: the workers decided; NaN counts as unknown
+    assert [samples(m, n) for n in names] == [{}, {}]
+    with pytest.raises(ValueError):
+        m.set_ingest_cores(0, None)
+    with pytest.raises(ValueError):
+        m.set_ingest_cores(1, -0.5)
+
+
 def test_restore_progress_then_observed_increments() -> None:
     m = RelexdMetrics()
     m.restore_progress(step=500, observed=7, timestamp=1_700_000_000.0)
