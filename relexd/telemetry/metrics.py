@@ -189,10 +189,11 @@ _EVAL_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
 #: ingest says: with ``--ray`` the workers decide, and an explicit ``--threads`` watches no one.
 _CORES_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "relexd_ingest_tensors_in_flight": (
-        "Tensors the newest ingest computed at once, one worker thread each. relexd's default is "
-        "one per core it may use (two while its state outgrows the page cache; at most 8) less "
-        "the cores other processes kept busy (relexd_ingest_others_busy_cores); an explicit "
-        "--threads is taken as given. Absent until the first ingest, and with --ray.",
+        "Tensors the newest ingest let run at once, one worker thread each (--memory-budget may "
+        "have held fewer). relexd's default is one per core it may use (two while its state "
+        "outgrows the page cache; at most 8) less the cores other processes kept busy "
+        "(relexd_ingest_others_busy_cores); an explicit --threads is taken as given. Absent "
+        "until the first ingest, and with --ray.",
         (),
     ),
     "relexd_ingest_others_busy_cores": (
