@@ -63,7 +63,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
 
 from relexd._closeable import Closeable
 from relexd.errors import StateError
@@ -543,9 +544,14 @@ class Transaction:
         try:
             for writer in self._writers:
                 writer.close()
-            save_file(tensors, str(self.path / SMALL_FILE))
+            # Both are written after the last tensor, while no worker runs, so their time adds to
+            # every ingest whole. safetensors.numpy writes the same bytes as safetensors.torch in
+            # less than half the time, and meta.json unindented takes less than half too: the
+            # commit of a 290-tensor state took 29-32 ms instead of 57 (python -m
+            # bench.state_commit, bench/results/full/state-commit.md).
+            save_file({k: t.numpy() for k, t in tensors.items()}, str(self.path / SMALL_FILE))
             _fsync_file(self.path / SMALL_FILE)
-            (self.path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            (self.path / META_FILE).write_text(json.dumps(meta, sort_keys=True))
             _fsync_file(self.path / META_FILE)
             for directory in [self.path, *self.new_anchor_dirs]:
                 fsync_dir(directory)
