@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,12 +39,7 @@ from relexd.state import store
 
 def _median_ms(fn: Callable[[], object], rounds: int) -> float:
     fn()  # warm
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(timeit.repeat(fn, repeat=rounds, number=1))
 
 
 def run(checkpoints: int, rounds: int) -> str:
