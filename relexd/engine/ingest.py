@@ -27,6 +27,7 @@ import torch
 
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
+from relexd.engine.memory import huge_empty
 from relexd.engine.page_cache import page_cache_room, state_outgrows_page_cache
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool
 from relexd.errors import CheckpointError, RelexdError
@@ -552,7 +553,7 @@ class CheckpointPass:
 
     def _delta_buffer(self, numel: int) -> torch.Tensor:
         """This worker's buffer for a delta of ``numel`` elements (:meth:`_worker_buffer`)."""
-        return self._worker_buffer("x", numel, lambda n: torch.empty(n, dtype=torch.float32))
+        return self._worker_buffer("x", numel, lambda n: huge_empty((n,), torch.float32))
 
     def keeps_columns(self, name: str) -> bool:
         """Whether tensor ``name``'s task reads its old basis once, around the page cache, and
@@ -579,7 +580,7 @@ class CheckpointPass:
         """This worker's buffer for ``width`` × ``numel`` kept columns, aligned for ``O_DIRECT``
         (:meth:`_worker_buffer`)."""
         need = width * numel
-        buffer = self._worker_buffer("kept", need, lambda n: aligned_empty((n,), torch.float32))
+        buffer = self._worker_buffer("kept", need, lambda n: huge_empty((n,), torch.float32))
         return buffer[:need].view(width, numel)
 
     def _chunk_buffers(self) -> _ChunkBuffers:

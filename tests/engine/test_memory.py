@@ -130,3 +130,48 @@ def test_kept_bases_stay_within_the_largest_task(tmp_path: Path) -> None:
     direct = measure_peak_growth(tmp_path, page_cache="outgrows")
     print(f"peak growth MB, one worker: cached path {cached / MB:.0f}, kept bases {direct / MB:.0f}")
     assert direct < cached + 8 * MB
+
+
+def _mapping_of(address: int) -> dict[str, int]:
+    """The kB fields of /proc/self/smaps for the mapping that holds ``address``, and its "start"."""
+    fields: dict[str, int] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(v, 16) for v in head.split("-"))
+            inside = low <= address < high
+            if inside:
+                fields["start"] = low
+        elif inside and line.endswith(" kB"):
+            fields[head.rstrip(":")] = int(line.split()[1])
+    return fields
+
+
+def test_huge_empty_backs_whole_huge_pages_and_nothing_more() -> None:
+    """The delta buffer's pages: aligned, on huge pages where the kernel gives them on request,
+    and resident to the 4 KiB page after a full write (the part after the last whole huge page
+    stays on small pages)."""
+    import pytest
+
+    from relexd.engine.memory import HUGE_PAGE, huge_empty
+
+    small = huge_empty((1000,), torch.float32)
+    assert small.data_ptr() % 4096 == 0 and small.shape == (1000,)
+
+    numel = (5 * HUGE_PAGE + 300 * 4096 + 100) // 4  # five huge pages and a ragged tail
+    buf = huge_empty((numel,), torch.float32)
+    assert buf.shape == (numel,) and buf.dtype == torch.float32 and buf.is_contiguous()
+    assert buf.data_ptr() % HUGE_PAGE == 0
+    buf.fill_(1.0)
+    head = _mapping_of(buf.data_ptr())
+    tail = _mapping_of(buf.data_ptr() + 5 * HUGE_PAGE)
+    resident = head["Rss"] + (tail["Rss"] if tail["start"] != head["start"] else 0)
+    assert resident * 1024 - 4 * numel < 4096 + 4096  # the last page, and rounding to kB
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    if "[never]" not in mode:
+        assert head["AnonHugePages"] == 5 * HUGE_PAGE // 1024
+        assert tail.get("AnonHugePages", 0) == 0
