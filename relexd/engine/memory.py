@@ -71,7 +71,10 @@ def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes < HUGE_PAGE or advice is None:
         return aligned_empty(shape, dtype)
     size = nbytes + HUGE_PAGE
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # e.g. ENOMEM under strict overcommit: torch's allocator then fails as before
+        return aligned_empty(shape, dtype)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     skip = -whole.data_ptr() % HUGE_PAGE
     # huge pages for the whole ones only: the last, partial one would be resident in full

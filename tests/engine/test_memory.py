@@ -175,3 +175,19 @@ def test_huge_empty_backs_whole_huge_pages_and_nothing_more() -> None:
     if "[never]" not in mode:
         assert head["AnonHugePages"] == 5 * HUGE_PAGE // 1024
         assert tail.get("AnonHugePages", 0) == 0
+
+
+def test_huge_empty_falls_back_to_torch_where_the_mapping_is_refused(monkeypatch) -> None:
+    """Under strict overcommit the mapping itself may fail: torch's allocator is asked instead,
+    so an allocation failure stays torch's error, as before huge pages."""
+    import errno
+    import mmap
+
+    from relexd.engine import memory
+
+    def refused(*_args, **_kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refused)
+    buf = memory.huge_empty((3, memory.HUGE_PAGE), torch.float32)
+    assert buf.shape == (3, memory.HUGE_PAGE) and buf.data_ptr() % 4096 == 0
