@@ -9,11 +9,12 @@ returned on free, and the RSS stays at one tensor plus chunks. There is no Pytho
 it is called through ctypes; on a libc without it (musl, macOS) this is a no-op.
 
 Every such mmap starts with no pages, so each ingest's first touch of a worker's buffers page-faults
-once per 4 KiB page: 4.8 % of a cached 0.5B rank-1 ingest's CPU (perf, 6 Dec, night), most of it
-the delta buffer, as large as the largest tensor. :func:`huge_empty` asks for transparent huge pages
-(``MADV_HUGEPAGE``: most distributions enable them only where asked), one fault per 2 MiB, for the
-delta and the kept basis. The chunk buffers stay on small pages: parts of them go untouched, and on
-huge pages a worker's peak grew by 4-5 MB in tests/engine/test_memory.py's kept-basis run.
+once per 4 KiB page: 4.8 % of a cached 0.5B rank-1 ingest's CPU (perf:
+bench/results/full/profile-0.5b-r1-6dec-night.md), most of it the delta buffer, as large as the
+largest tensor. :func:`huge_empty` asks for transparent huge pages (``MADV_HUGEPAGE``: most
+distributions enable them only where asked), one fault per 2 MiB, for the delta and the kept basis.
+The chunk buffers stay on small pages: parts of them go untouched, and on huge pages a worker's
+peak grew by 4-5 MB in tests/engine/test_memory.py's kept-basis run.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous tensor on transparent huge pages where it spans at least one:
     a private anonymous mapping advised ``MADV_HUGEPAGE``, its data starting at a multiple of
     :data:`HUGE_PAGE` (the kernel backs only aligned 2 MiB ranges with a huge page), the part after
-    its last whole huge page left on small pages, so that it is resident to the byte as before (a
-    huge page there would make up to 2 MiB more resident). Freed, like a tensor of
+    its last whole huge page left on small pages, so that as much of it is resident as before, to the
+    4 KiB page (a huge page there would make up to 2 MiB more resident). Freed, like a tensor of
     :func:`torch.empty` above the mmap threshold, when the tensor and its views are.
 
     Smaller tensors, and platforms without the advice, get :func:`aligned_empty`'s. Either way the
@@ -64,8 +65,8 @@ def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     Why by hand: torch's allocator asks for huge pages only under an environment variable read once
     per process (``THP_MEM_ALLOC_ENABLE``), which would change every tensor of an embedding program.
-    Measured with this VM's settings (THP ``madvise``): the first write of a 545 MB buffer 177 ms
-    instead of 224, of a 17 MB one 3.5 ms instead of 8.0."""
+    Measured on a VM whose THP setting is ``madvise``: a cached 0.5B rank-1 ingest 1.03× faster,
+    paired (bench/results/full/paired-huge-pages.md)."""
     nbytes = math.prod(shape) * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < HUGE_PAGE or advice is None:
