@@ -12,6 +12,9 @@ alternate the two sides; the table gives the median per side and their ratio.
 - pass 2: torch's new columns (rank 1: ``mul`` + ``add_``; rank 2: ``mm`` + ``addr_``) against
   :func:`relexd.math.kernels.combine`.
 
+A second table takes the fused pass 1 apart: its products alone (x given), then with the delta
+formed from the checkpoint and the base, then with the anchor's two products too (all of it).
+
 What it compares against is the torch path, not a memory floor: the ingest's floor is measured
 end to end by ``bench.scaling``; this says what the kernels changed.
 
@@ -95,6 +98,34 @@ def measure(rank: int, numel: int, rounds: int) -> list[tuple[str, float, float]
     ]
 
 
+def pass1_parts(rank: int, numel: int, rounds: int) -> list[tuple[str, float]]:
+    """Milliseconds per 1 M elements of the fused pass 1 as it takes on more of its work."""
+    g = torch.Generator().manual_seed(0)
+    ck = torch.randn(numel, generator=g).to(torch.bfloat16)
+    base = torch.randn(numel, generator=g).to(torch.bfloat16)
+    q = torch.randn(rank, numel, generator=g)
+    v, xa = (torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(2))
+    x = ck.float() - base.float()
+    sides: dict[str, Callable[[int, int], None]] = {
+        "the products of x (given) with itself and the basis": lambda i, j: kernels.pass1(
+            x[i:j], list(q[:, i:j])
+        ),
+        "… with x formed from the checkpoint and the base": lambda i, j: kernels.pass1(
+            x[i:j], list(q[:, i:j]), None, (ck[i:j], base[i:j])
+        ),
+        "… and the anchor's two products (all of pass 1)": lambda i, j: kernels.pass1(
+            x[i:j], list(q[:, i:j]), (v[i:j], xa[i:j]), (ck[i:j], base[i:j])
+        ),
+    }
+    for fn in sides.values():
+        fn(0, CHUNK)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            times[name].append(_per_million(fn, numel))
+    return [(name, statistics.median(t)) for name, t in times.items()]
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=1 << 24)
@@ -105,11 +136,16 @@ def main(argv: list[str] | None = None) -> str:
         for phase, t_torch, t_fused in measure(rank, args.elements, args.rounds):
             rows.append((rank, phase, f"{t_torch:.2f}", f"{t_fused:.2f}", f"{t_torch / t_fused:.2f}×"))
     table = markdown_table(["rank", "phase", "torch ms / 1 M", "fused ms / 1 M", "speed-up"], rows)
+    parts = []
+    for rank in (1, 2):
+        parts += [(rank, part, f"{ms:.2f}") for part, ms in pass1_parts(rank, args.elements, args.rounds)]
+    parts_table = markdown_table(["rank", "fused pass 1 doing", "ms / 1 M"], parts)
     report = (
         f"# Fused chunk kernels against torch\n\n{machine()}\n\n"
         f"`python -m bench.kernels --elements {args.elements} --rounds {args.rounds}`: medians of "
         f"{args.rounds} alternating rounds, one thread, 1 M-element chunks over arrays of "
-        f"{args.elements / 1e6:.0f} M elements\n\n{table}\n"
+        f"{args.elements / 1e6:.0f} M elements\n\n{table}\n\n"
+        f"## The fused pass 1, part by part\n\n{parts_table}\n"
     )
     print(report)
     return report
