@@ -45,12 +45,22 @@ def _per_million(fn: Callable[[int, int], None], numel: int) -> float:
     return (time.perf_counter() - started) * 1e3 / (numel / 1e6)
 
 
-def measure(rank: int, numel: int, rounds: int) -> list[tuple[str, float, float]]:
+Inputs = tuple[torch.Generator, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _inputs(rank: int, numel: int) -> Inputs:
+    """The seeded generator and what it drew: bf16 checkpoint and base, ``rank`` float32 basis rows,
+    the bf16 anchor's two vectors."""
     g = torch.Generator().manual_seed(0)
     ck = torch.randn(numel, generator=g).to(torch.bfloat16)
     base = torch.randn(numel, generator=g).to(torch.bfloat16)
     q = torch.randn(rank, numel, generator=g)
     v, xa = (torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(2))
+    return g, ck, base, q, v, xa
+
+
+def measure(rank: int, numel: int, rounds: int) -> list[tuple[str, float, float]]:
+    g, ck, base, q, v, xa = _inputs(rank, numel)
     x = torch.empty(numel)
     scratch, pair, out = torch.empty(CHUNK), torch.empty(2, CHUNK), torch.empty(rank, CHUNK)
     coef = torch.randn(rank, rank + 1, generator=g)
@@ -100,11 +110,7 @@ def measure(rank: int, numel: int, rounds: int) -> list[tuple[str, float, float]
 
 def pass1_parts(rank: int, numel: int, rounds: int) -> list[tuple[str, float]]:
     """Milliseconds per 1 M elements of the fused pass 1 as it takes on more of its work."""
-    g = torch.Generator().manual_seed(0)
-    ck = torch.randn(numel, generator=g).to(torch.bfloat16)
-    base = torch.randn(numel, generator=g).to(torch.bfloat16)
-    q = torch.randn(rank, numel, generator=g)
-    v, xa = (torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(2))
+    _, ck, base, q, v, xa = _inputs(rank, numel)
     x = ck.float() - base.float()
     sides: dict[str, Callable[[int, int], None]] = {
         "the products of x (given) with itself and the basis": lambda i, j: kernels.pass1(
