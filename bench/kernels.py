@@ -13,10 +13,14 @@ alternate the two sides; the table gives the median per side and their ratio.
   :func:`relexd.math.kernels.combine`.
 
 A second table takes the fused pass 1 apart: its products alone (x given), then with the delta
-formed from the checkpoint and the base, then with the anchor's two products too (all of it).
+formed from the checkpoint and the base, then with the anchor's two products too (all of it). Beside
+each part, its memory floor: a loop that loads the same bytes from the same arrays in the same
+chunks, and stores x where the part forms it, with no arithmetic but an integer sum that keeps the
+loads alive. The ratio says how much faster the part could get by computing less (its float64
+sums, the widening): a part at 1.0× the floor is bound by memory, not by its arithmetic.
 
-What it compares against is the torch path, not a memory floor: the ingest's floor is measured
-end to end by ``bench.scaling``; this says what the kernels changed.
+The first table compares against the torch path, not a floor: the ingest's floor is measured end to
+end by ``bench.scaling``; that table says what the kernels changed.
 
 Run alone: ``python -m bench.kernels [--elements 16777216] [--rounds 7]``.
 """
@@ -28,6 +32,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numba
+import numpy as np
 import torch
 
 from bench.common import machine, markdown_table
@@ -108,28 +114,94 @@ def measure(rank: int, numel: int, rounds: int) -> list[tuple[str, float, float]
     ]
 
 
-def pass1_parts(rank: int, numel: int, rounds: int) -> list[tuple[str, float]]:
-    """Milliseconds per 1 M elements of the fused pass 1 as it takes on more of its work."""
+@numba.njit(nogil=True)
+def _stream(x, q0, q1, k, ck, base, anchored, v, xa, x_out):
+    """The memory floor of a pass 1 part: load x (where ``x_out`` is empty) or the checkpoint
+    and the base (where it is not: x is then stored into it, as pass 1 stores the delta), ``k``
+    basis rows, and the anchor's two vectors where ``anchored``; every element once, in one loop
+    per block of ``kernels.BLOCK`` elements like the kernel. Their bits are added up: integer
+    sums keep the loads alive and cost less than the kernel's arithmetic. One loop per case, as
+    in the kernel, so that each is vectorised."""
+    total = np.uint32(0)
+    forms = x_out.shape[0] > 0
+    n = x_out.shape[0] if forms else x.shape[0]
+    if k == 1:
+        q1 = q0  # not loaded below: the same loops serve both ranks
+    for start in range(0, n, kernels.BLOCK):
+        m = min(kernels.BLOCK, n - start)
+        # slices indexed from 0, as in the kernel: numba then drops the negative-index check
+        end = start + m
+        x_b, q0_b, q1_b, out = x[start:end], q0[start:end], q1[start:end], x_out[start:end]
+        ck_b, base_b, v_b, xa_b = ck[start:end], base[start:end], v[start:end], xa[start:end]
+        if not forms:
+            if k == 1:
+                for i in range(m):
+                    total += x_b[i] + q0_b[i]
+            else:
+                for i in range(m):
+                    total += x_b[i] + q0_b[i] + q1_b[i]
+        elif not anchored:
+            if k == 1:
+                for i in range(m):
+                    out[i] = np.uint32(ck_b[i]) + np.uint32(base_b[i]) + q0_b[i]
+            else:
+                for i in range(m):
+                    out[i] = np.uint32(ck_b[i]) + np.uint32(base_b[i]) + q0_b[i] + q1_b[i]
+        elif k == 1:
+            for i in range(m):
+                stored = np.uint32(ck_b[i]) + np.uint32(base_b[i])
+                out[i] = stored + q0_b[i] + np.uint32(v_b[i]) + np.uint32(xa_b[i])
+        else:
+            for i in range(m):
+                stored = np.uint32(ck_b[i]) + np.uint32(base_b[i])
+                out[i] = stored + q0_b[i] + q1_b[i] + np.uint32(v_b[i]) + np.uint32(xa_b[i])
+    return total
+
+
+def pass1_parts(rank: int, numel: int, rounds: int) -> list[tuple[str, float, float]]:
+    """Milliseconds per 1 M elements of the fused pass 1 as it takes on more of its work, and of
+    streaming the bytes each part loads and stores (:func:`_stream`)."""
+    if rank not in (1, 2):
+        raise ValueError(f"the memory floor is written for rank 1 and 2, not {rank}")
     _, ck, base, q, v, xa = _inputs(rank, numel)
     x = ck.float() - base.float()
-    sides: dict[str, Callable[[int, int], None]] = {
-        "the products of x (given) with itself and the basis": lambda i, j: kernels.pass1(
-            x[i:j], list(q[:, i:j])
+    _bits = kernels._bits  # the bits the kernel reads, as it takes them
+    x_bits, q0, q1 = _bits(x), _bits(q[0]), _bits(q[-1])
+    ck16, base16, v16, xa16 = _bits(ck), _bits(base), _bits(v), _bits(xa)
+    none32, none16 = np.zeros(0, np.uint32), np.zeros(0, np.uint16)
+
+    def floor(forms: bool, anchored: bool) -> Callable[[int, int], None]:
+        def stream(i: int, j: int) -> None:
+            stored = (ck16[i:j], base16[i:j]) if forms else (none16, none16)
+            anchor = (v16[i:j], xa16[i:j]) if anchored else (none16, none16)
+            x_in, x_out = (none32, x_bits[i:j]) if forms else (x_bits[i:j], none32)
+            _stream(x_in, q0[i:j], q1[i:j], rank, *stored, anchored, *anchor, x_out)
+
+        return stream
+
+    sides: dict[str, tuple[Callable[[int, int], None], Callable[[int, int], None]]] = {
+        "the products of x (given) with itself and the basis": (
+            lambda i, j: kernels.pass1(x[i:j], list(q[:, i:j])),
+            floor(forms=False, anchored=False),
         ),
-        "… with x formed from the checkpoint and the base": lambda i, j: kernels.pass1(
-            x[i:j], list(q[:, i:j]), None, (ck[i:j], base[i:j])
+        "… with x formed from the checkpoint and the base": (
+            lambda i, j: kernels.pass1(x[i:j], list(q[:, i:j]), None, (ck[i:j], base[i:j])),
+            floor(forms=True, anchored=False),
         ),
-        "… and the anchor's two products (all of pass 1)": lambda i, j: kernels.pass1(
-            x[i:j], list(q[:, i:j]), (v[i:j], xa[i:j]), (ck[i:j], base[i:j])
+        "… and the anchor's two products (all of pass 1)": (
+            lambda i, j: kernels.pass1(x[i:j], list(q[:, i:j]), (v[i:j], xa[i:j]), (ck[i:j], base[i:j])),
+            floor(forms=True, anchored=True),
         ),
     }
-    for fn in sides.values():
-        fn(0, CHUNK)
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    for part, stream in sides.values():
+        part(0, CHUNK)
+        stream(0, CHUNK)
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
     for _ in range(rounds):
-        for name, fn in sides.items():
-            times[name].append(_per_million(fn, numel))
-    return [(name, statistics.median(t)) for name, t in times.items()]
+        for name, (part, stream) in sides.items():
+            times[name][0].append(_per_million(part, numel))
+            times[name][1].append(_per_million(stream, numel))
+    return [(name, statistics.median(t), statistics.median(f)) for name, (t, f) in times.items()]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -144,8 +216,13 @@ def main(argv: list[str] | None = None) -> str:
     table = markdown_table(["rank", "phase", "torch ms / 1 M", "fused ms / 1 M", "speed-up"], rows)
     parts = []
     for rank in (1, 2):
-        parts += [(rank, part, f"{ms:.2f}") for part, ms in pass1_parts(rank, args.elements, args.rounds)]
-    parts_table = markdown_table(["rank", "fused pass 1 doing", "ms / 1 M"], parts)
+        parts += [
+            (rank, part, f"{ms:.2f}", f"{floor:.2f}", f"{ms / floor:.2f}×")
+            for part, ms, floor in pass1_parts(rank, args.elements, args.rounds)
+        ]
+    parts_table = markdown_table(
+        ["rank", "fused pass 1 doing", "ms / 1 M", "memory floor ms / 1 M", "part / floor"], parts
+    )
     report = (
         f"# Fused chunk kernels against torch\n\n{machine()}\n\n"
         f"`python -m bench.kernels --elements {args.elements} --rounds {args.rounds}`: medians of "
