@@ -3,20 +3,21 @@
 Why by hand, and not torch: torch runs pass 1 of a chunk as a string of kernels — convert the
 checkpoint's bf16 to float32, convert the base's, subtract, ‖x‖², Qᵀx, the Gram products, convert
 the anchor's two vectors, two more dot products — and each streams the 1 M-element chunk through
-memory again. :func:`pass1` does all of it in one loop over blocks small enough to stay in the CPU's
-first-level cache, reading every input once and writing only the delta; :func:`combine` does pass
-2's new columns in one loop too. Measured on one core of an Intel Xeon 2-vCPU VM, per 1 M elements
-of arrays far larger than its caches (``python -m bench.kernels``,
-bench/results/full/kernels-6dec-day.md): pass 1 4.3 ms with torch against 2.2 at rank 1, 5.7
-against 2.8 at rank 2; pass 2 1.1 against 0.9 and 2.4 against 1.5. The float32 products are summed in
-float64 element by element, more accurate than float32 BLAS (which sums in float32 blocks).
+memory again. :func:`pass1` does all of it in one loop, reading every input once and writing only
+the delta; :func:`combine` does pass 2's new columns in one loop too. Measured on one core of an
+Intel Xeon 2-vCPU VM, per 1 M elements of arrays far larger than its caches (``python -m
+bench.kernels``, bench/results/full/kernels-7dec-one-loop.md): pass 1 3.5 ms with torch against
+1.3 at rank 1, 4.8 against 1.8 at rank 2; pass 2 0.9 against 0.7 and 2.2 against 1.3. All of pass 1
+takes 1.17-1.25× the time of a loop that only loads its inputs and stores x (its memory floor,
+same run). The float32 products are summed in float64 element by element, more accurate than
+float32 BLAS (which sums in float32 blocks).
 
 torch.compile was measured too (bench/README.md, 5 Dec) but needs a C++ compiler in the daemon;
 numba brings its own LLVM.
 
-Stored values are widened to float32 by their bits: bfloat16 is the upper half of a float32, so
-``bits << 16`` is exact; float32 is ``bits << 0``. Other stored dtypes take the torch path
-(:func:`widen_shift` says which).
+Stored values are widened to float32 by their bits (:func:`_as_float32`): bfloat16 is the upper
+half of a float32, so ``bits << 16`` is exact; float32 is ``bits << 0``. Other stored dtypes take
+the torch path (:func:`widen_shift` says which).
 
 Numerics: the loops may be reassociated and contracted (vectorised sums, fused multiply-adds), but
 not compiled under the assumption that no NaN or Inf occurs — a non-finite input must reach ‖x‖²,
@@ -31,9 +32,11 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
+from numba.core import types
+from numba.extending import intrinsic, overload
 
-#: Elements per block: the float32 blocks of one pass (x, two basis rows, the base or two anchor
-#: vectors widened) of 8 KiB each stay in a 48 KiB L1.
+#: Elements per block: pass 1's loops run over one block's slices at a time (:func:`_pass1`), and
+#: its sums are taken in that order.
 BLOCK = 2048
 
 #: Rows of the old basis the fused loop takes (Brand at rank ≤ 2, Oja); wider ones take torch.
@@ -101,6 +104,7 @@ def pass1(
         raise ValueError(f"pass1 takes at most {MAX_ROWS} basis rows, not {len(rows)}")
     xs = x.numpy()
     q = [r.numpy() for r in rows] + [_EMPTY32] * (MAX_ROWS - len(rows))
+    ck_bits = base_bits = v_bits = xa_bits = None  # None: compiled out of the loop (_x_at)
     if delta_of is not None:
         ck, base = delta_of
         if ck.numel() != n or base.numel() != n:
@@ -109,27 +113,13 @@ def pass1(
             )
         if widen_shift(ck.dtype) is None or widen_shift(base.dtype) is None:
             raise ValueError(f"pass1 forms deltas of bfloat16 or float32 only, not {ck.dtype} − {base.dtype}")
-        ck_bits, ck_shift, base_bits, base_shift = (
-            _bits(ck),
-            _SHIFTS[ck.dtype],
-            _bits(base),
-            _SHIFTS[base.dtype],
-        )
-    else:
-        ck_bits = base_bits = _EMPTY16
-        ck_shift = base_shift = 0
+        ck_bits, base_bits = _bits(ck), _bits(base)
     if anchor is not None:
         if any(widen_shift(a.dtype) is None for a in anchor):
             raise ValueError(f"pass1 takes anchors of bfloat16 or float32 only, not {anchor[0].dtype}")
-        v_bits, xa_bits, a_shift = _bits(anchor[0]), _bits(anchor[1]), _SHIFTS[anchor[0].dtype]
-    else:
-        v_bits = xa_bits = _EMPTY16
-        a_shift = 0
+        v_bits, xa_bits = _bits(anchor[0]), _bits(anchor[1])
     out = np.zeros(8)
-    _pass1(
-        xs, xs.view(np.uint32), delta_of is not None, ck_bits, ck_shift, base_bits, base_shift,
-        len(rows), q[0], q[1], anchor is not None, v_bits, xa_bits, a_shift, out,
-    )  # fmt: skip
+    _pass1(xs, ck_bits, base_bits, len(rows), q[0], q[1], v_bits, xa_bits, out)
     k = len(rows)
     qtx = tuple(float(v) for v in out[1 : 1 + k])
     g = ((out[3],), (out[4], out[5]))
@@ -145,93 +135,118 @@ def prepare(stored: set[torch.dtype], anchor: torch.dtype) -> None:
     the compiler's memory is taken while the daemon starts, not while a tensor is in flight."""
     x = torch.zeros(1)
     pair = (torch.zeros(1, dtype=anchor), torch.zeros(1, dtype=anchor))
-    for dtype in stored:
-        if widen_shift(dtype) is not None:
-            pass1(x, [], pair, (torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype)))
-    pass1(x, [], pair)
+    # one machine code per kind of input, absent ones included (_x_at, _block): with and without
+    # an anchor, x formed from each stored dtype or given
+    kinds = [d for d in stored if widen_shift(d) is not None]
+    for delta in [*((torch.zeros(1, dtype=d), torch.zeros(1, dtype=d)) for d in kinds), None]:
+        for scored in (pair, None):
+            pass1(x, [], scored, delta)
     combine([torch.zeros(1)], [], x, torch.zeros(1, 1))
 
 
-@numba.njit(inline="always", fastmath=_FAST, nogil=True)
-def _widen(dst, src, m, shift):
-    """dst[:m] = the float32 bits of the stored values src[:m] (:func:`widen_shift`). One loop per
-    shift, each with a constant: shifted by a variable, numba's integer typing widened every
-    element to 64 bits and back (three instructions per four elements instead of two per eight)."""
-    if shift == 16:
-        for i in range(m):
-            dst[i] = np.uint32(src[i]) << 16
-    else:
-        for i in range(m):
-            dst[i] = np.uint32(src[i])
+@intrinsic
+def _as_float32(typingctx, bits):
+    """The float32 whose bits are ``bits`` widened: a bfloat16's 16 bits are a float32's upper half
+    (``bits << 16``, exact), a float32's 32 are its own. A bit cast the compiler can vectorise,
+    which numba has no scalar form of (``.view`` is for arrays only): with it each stored value is
+    widened where it is used, in the products loop, instead of in a loop of its own through a
+    scratch block (pass 1 at rank 1 with an anchor: 2.6 → 1.6 ms per 1 M elements, at its memory
+    floor; ``python -m bench.kernels``)."""
+    if bits not in (types.uint16, types.uint32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        word = context.get_value_type(types.uint32)
+        if signature.args[0] == types.uint16:
+            value = builder.shl(builder.zext(value, word), context.get_constant(types.uint32, 16))
+        return builder.bitcast(value, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
+
+
+def _block(a, start, stop):
+    """``a[start:stop]``, or None where ``a`` is None (an input pass 1 was not given)."""
+
+
+@overload(_block, inline="always")
+def _block_impl(a, start, stop):
+    if isinstance(a, types.NoneType):
+        return lambda a, start, stop: None
+    return lambda a, start, stop: a[start:stop]
+
+
+def _x_at(x, ck, base, i):
+    """Element i of the delta: formed from the checkpoint's and the base's stored values and
+    written to ``x[i]``, or, where they are None, ``x[i]`` as given. Chosen by the arguments' types
+    when the kernel is compiled, so that the loop holds no test of it."""
+
+
+@overload(_x_at, inline="always")
+def _x_at_impl(x, ck, base, i):
+    if isinstance(ck, types.NoneType):
+        return lambda x, ck, base, i: x[i]
+
+    def formed(x, ck, base, i):
+        value = _as_float32(ck[i]) - _as_float32(base[i])
+        x[i] = value
+        return value
+
+    return formed
 
 
 @_jit
-def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_anchor, va, xa, a_shift, out):
-    """out = [‖x‖², q0·x, q1·x, q0·q0, q1·q0, q1·q1, x·v_a, x·x_a]. Every loop runs over slices of
-    one block: indexing a slice from 0 lets numba drop the negative-index check that otherwise
-    kept these loops from being vectorised (3× slower). The anchor's two vectors are widened first,
-    so that all products are taken in one loop that converts each element of x to float64 once
-    (a loop of its own per anchor vector took 2.9 ms per 1 M elements at rank 1 against 2.4:
-    bench/README.md, "6 Dec, morning"). That loop is written out with and without the anchor: the
-    compiler did not take the test of ``has_anchor`` out of it by itself, and the loop with it
-    inside took 1.16-1.25× the time at rank 1 with an anchor (bench/README.md, "6 Dec, day")."""
+def _pass1(x, ck, base, k, q0, q1, va, xa, out):
+    """out = [‖x‖², q0·x, q1·x, q0·q0, q1·q0, q1·q1, x·v_a, x·x_a]; ``ck``, ``base``: the stored
+    bits x is formed from (None: x is given); ``va``, ``xa``: the anchor's stored bits (None: no
+    anchor). Every loop runs over slices of one block: indexing a slice from 0 lets numba drop the
+    negative-index check that otherwise kept these loops from being vectorised (3× slower). Each
+    element is widened, formed and converted to float64 once, in the one loop that takes all its
+    products. That loop is written out per rank, with and without the anchor: the compiler did not
+    take the test of the anchor out of it by itself, and the loop with it inside took 1.16-1.25×
+    the time at rank 1 with an anchor (bench/README.md, "6 Dec, day")."""
     n = x.shape[0]
-    scratch = np.empty(BLOCK, np.uint32)
-    widened = scratch.view(np.float32)  # the base's block, then the anchor's v
-    xa_scratch = np.empty(BLOCK, np.uint32)
-    xa_wide = xa_scratch.view(np.float32)
     xsq = q0x = q1x = g00 = g10 = g11 = xv = xxa = 0.0
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
-        xb = x[start : start + m]
-        if form:
-            xbits = x_bits[start : start + m]
-            cb = ck[start : start + m]
-            bb = base[start : start + m]
-            _widen(xbits, cb, m, ck_shift)
-            _widen(scratch, bb, m, base_shift)
-            for i in range(m):
-                xb[i] = xb[i] - widened[i]
-        if has_anchor:
-            vb = va[start : start + m]
-            ab = xa[start : start + m]
-            _widen(scratch, vb, m, a_shift)
-            _widen(xa_scratch, ab, m, a_shift)
+        stop = start + m
+        xb, cb, bb = x[start:stop], _block(ck, start, stop), _block(base, start, stop)
+        vb, ab = _block(va, start, stop), _block(xa, start, stop)
         if k == 0:
-            if has_anchor:
+            if va is None:
                 for i in range(m):
-                    d = np.float64(xb[i])
+                    d = np.float64(_x_at(xb, cb, bb, i))
                     xsq += d * d
-                    xv += np.float64(widened[i]) * d
-                    xxa += np.float64(xa_wide[i]) * d
             else:
                 for i in range(m):
-                    d = np.float64(xb[i])
+                    d = np.float64(_x_at(xb, cb, bb, i))
                     xsq += d * d
+                    xv += np.float64(_as_float32(vb[i])) * d
+                    xxa += np.float64(_as_float32(ab[i])) * d
         elif k == 1:
-            r0 = q0[start : start + m]
-            if has_anchor:
+            r0 = q0[start:stop]
+            if va is None:
                 for i in range(m):
-                    d = np.float64(xb[i])
+                    d = np.float64(_x_at(xb, cb, bb, i))
                     a = np.float64(r0[i])
                     xsq += d * d
                     q0x += a * d
                     g00 += a * a
-                    xv += np.float64(widened[i]) * d
-                    xxa += np.float64(xa_wide[i]) * d
             else:
                 for i in range(m):
-                    d = np.float64(xb[i])
+                    d = np.float64(_x_at(xb, cb, bb, i))
                     a = np.float64(r0[i])
                     xsq += d * d
                     q0x += a * d
                     g00 += a * a
+                    xv += np.float64(_as_float32(vb[i])) * d
+                    xxa += np.float64(_as_float32(ab[i])) * d
         else:
-            r0 = q0[start : start + m]
-            r1 = q1[start : start + m]
-            if has_anchor:
+            r0 = q0[start:stop]
+            r1 = q1[start:stop]
+            if va is None:
                 for i in range(m):
-                    d = np.float64(xb[i])
+                    d = np.float64(_x_at(xb, cb, bb, i))
                     a = np.float64(r0[i])
                     c = np.float64(r1[i])
                     xsq += d * d
@@ -240,11 +255,9 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
                     g00 += a * a
                     g10 += c * a
                     g11 += c * c
-                    xv += np.float64(widened[i]) * d
-                    xxa += np.float64(xa_wide[i]) * d
             else:
                 for i in range(m):
-                    d = np.float64(xb[i])
+                    d = np.float64(_x_at(xb, cb, bb, i))
                     a = np.float64(r0[i])
                     c = np.float64(r1[i])
                     xsq += d * d
@@ -253,6 +266,8 @@ def _pass1(x, x_bits, form, ck, ck_shift, base, base_shift, k, q0, q1, has_ancho
                     g00 += a * a
                     g10 += c * a
                     g11 += c * c
+                    xv += np.float64(_as_float32(vb[i])) * d
+                    xxa += np.float64(_as_float32(ab[i])) * d
     out[0] = xsq
     out[1] = q0x
     out[2] = q1x

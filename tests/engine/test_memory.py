@@ -129,7 +129,13 @@ def test_kept_bases_stay_within_the_largest_task(tmp_path: Path) -> None:
     cached = measure_peak_growth(tmp_path, page_cache="fits")
     direct = measure_peak_growth(tmp_path, page_cache="outgrows")
     print(f"peak growth MB, one worker: cached path {cached / MB:.0f}, kept bases {direct / MB:.0f}")
-    assert direct < cached + 8 * MB
+    # The margin is what the allocator's layout moves this peak by between builds that hold the
+    # same buffers (7 Dec, /proc/self/status): the kept path's peak was 69.6 MB with the pass-1
+    # kernel before that day's and 75.8-77.5 MB with it, against 65 MB cached for both; with
+    # huge pages off, 77.5 and 71.5 MB, the other way round. What it guards against is larger:
+    # the smaller tensors' kept bases held besides the largest task (20 MB), or the largest's
+    # kept too (64 MB).
+    assert direct < cached + 16 * MB
 
 
 def _mapping_of(address: int) -> dict[str, int]:
