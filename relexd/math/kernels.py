@@ -76,7 +76,6 @@ class ChunkProducts:
     anchor: tuple[float, float] | None  # (x · v_a, x · x_a)
 
 
-_EMPTY16 = np.zeros(0, dtype=np.uint16)
 _EMPTY32 = np.zeros(0, dtype=np.float32)
 
 
@@ -151,8 +150,8 @@ def _as_float32(typingctx, bits):
     (``bits << 16``, exact), a float32's 32 are its own. A bit cast the compiler can vectorise,
     which numba has no scalar form of (``.view`` is for arrays only): with it each stored value is
     widened where it is used, in the products loop, instead of in a loop of its own through a
-    scratch block (pass 1 at rank 1 with an anchor: 2.6 → 1.6 ms per 1 M elements, at its memory
-    floor; ``python -m bench.kernels``)."""
+    scratch block (pass 1 at rank 1 with an anchor, ``python -m bench.kernels``: 1.65× its memory
+    floor before, 1.25× with it; bench/results/full/kernels-7dec*.md)."""
     if bits not in (types.uint16, types.uint32):
         return None
 
