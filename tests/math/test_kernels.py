@@ -51,6 +51,24 @@ def test_pass1_forms_the_delta_and_its_products(rows: int, dtype: torch.dtype, a
         assert rel(p.anchor[1], float(xa @ xd)) < 1e-12
 
 
+@pytest.mark.parametrize(
+    ("ck_dtype", "base_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_pass1_widens_each_stored_input_by_its_own_dtype(
+    ck_dtype: torch.dtype, base_dtype: torch.dtype
+) -> None:
+    """Each stored array is widened by its own bits (a bf16 checkpoint over a float32 base, and the
+    other way round), with a float32 anchor beside a bf16 delta."""
+    ck, base = stored(N, ck_dtype, 10), stored(N, base_dtype, 11)
+    anchor = (stored(N, torch.float32, 12), stored(N, torch.float32, 13))
+    x = torch.full((N,), float("nan"))
+    p = pass1(x, [], anchor, (ck, base))
+    assert torch.equal(x, ck.float() - base.float())
+    v, xa, xd = anchor[0].double(), anchor[1].double(), x.double()
+    assert rel(p.anchor[0], float(v @ xd)) < 1e-12
+    assert rel(p.anchor[1], float(xa @ xd)) < 1e-12
+
+
 def test_pass1_of_a_given_delta_leaves_it_alone() -> None:
     x = torch.randn(N, generator=torch.Generator().manual_seed(6))
     before = x.clone()
