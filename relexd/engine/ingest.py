@@ -688,9 +688,7 @@ class CheckpointPass:
         forms_delta = (
             kernel
             and fused
-            and all(
-                kernels.widen_shift(d) is not None for d in (stored.dtype, self.base.reader.info(name).dtype)
-            )
+            and all(kernels.widens(d) for d in (stored.dtype, self.base.reader.info(name).dtype))
         )
         kernel_anchor = next(iter(self.anchor_files), None) if kernel else None
         dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a

@@ -17,7 +17,7 @@ numba brings its own LLVM.
 
 Stored values are widened to float32 by their bits (:func:`_as_float32`): bfloat16 is the upper
 half of a float32, so ``bits << 16`` is exact; float32 is ``bits << 0``. Other stored dtypes take
-the torch path (:func:`widen_shift` says which).
+the torch path (:func:`widens` says which).
 
 Numerics: the loops may be reassociated and contracted (vectorised sums, fused multiply-adds), but
 not compiled under the assumption that no NaN or Inf occurs — a non-finite input must reach ‖x‖²,
@@ -42,7 +42,8 @@ BLOCK = 2048
 #: Rows of the old basis the fused loop takes (Brand at rank ≤ 2, Oja); wider ones take torch.
 MAX_ROWS = 2
 
-_SHIFTS = {torch.bfloat16: 16, torch.float32: 0}
+#: Stored dtypes :func:`_as_float32` widens by their bits (see the module's docstring).
+_WIDENED = frozenset({torch.bfloat16, torch.float32})
 
 # reassociation and contraction only: "fast" would also assume that no NaN or Inf occurs
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -60,9 +61,9 @@ def _jit(fn):
         return numba.njit(fastmath=_FAST, nogil=True)(fn)
 
 
-def widen_shift(dtype: torch.dtype) -> int | None:
-    """The shift that widens a stored value's bits to float32's, or None if it is no such dtype."""
-    return _SHIFTS.get(dtype)
+def widens(dtype: torch.dtype) -> bool:
+    """Whether pass 1 takes values stored as ``dtype`` (widened to float32 by their bits)."""
+    return dtype in _WIDENED
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def pass1(
 
     ``delta_of`` = (checkpoint, base): x is formed first as checkpoint − base into ``x``
     (float32, as long as both), from their stored bits. Every tensor is contiguous and 1-D; the
-    stored ones are bfloat16 or float32 (:func:`widen_shift`).
+    stored ones are bfloat16 or float32 (:func:`widens`).
     """
     n = x.numel()
     if len(rows) > MAX_ROWS:
@@ -111,11 +112,11 @@ def pass1(
             raise ValueError(
                 f"checkpoint ({ck.numel()}) and base ({base.numel()}) chunks differ from x ({n})"
             )
-        if widen_shift(ck.dtype) is None or widen_shift(base.dtype) is None:
+        if not (widens(ck.dtype) and widens(base.dtype)):
             raise ValueError(f"pass1 forms deltas of bfloat16 or float32 only, not {ck.dtype} − {base.dtype}")
         ck_bits, base_bits = _bits(ck), _bits(base)
     if anchor is not None:
-        if any(widen_shift(a.dtype) is None for a in anchor):
+        if not all(widens(a.dtype) for a in anchor):
             raise ValueError(f"pass1 takes anchors of bfloat16 or float32 only, not {anchor[0].dtype}")
         v_bits, xa_bits = _bits(anchor[0]), _bits(anchor[1])
     out = np.zeros(8)
@@ -137,7 +138,7 @@ def prepare(stored: set[torch.dtype], anchor: torch.dtype) -> None:
     pair = (torch.zeros(1, dtype=anchor), torch.zeros(1, dtype=anchor))
     # one machine code per kind of input, absent ones included (_x_at, _block): with and without
     # an anchor, x formed from each stored dtype or given
-    kinds = [d for d in stored if widen_shift(d) is not None]
+    kinds = [d for d in stored if widens(d)]
     for delta in [*((torch.zeros(1, dtype=d), torch.zeros(1, dtype=d)) for d in kinds), None]:
         for scored in (pair, None):
             pass1(x, [], scored, delta)
