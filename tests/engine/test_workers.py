@@ -170,15 +170,23 @@ def test_the_fused_pass_1_commits_the_state_of_torchs_products(
         if key.startswith("gen/sketch") and value[0].norm() > 0:
             a, b = arrays_k[key][0].double(), value[0].double()
             assert 1 - abs(float(a @ b)) / float(a.norm() * b.norm()) < 1e-7, key
+    # The drift is first order in the angle between the two paths' new directions, which the
+    # assertion above bounds only at second order (1 − cos < 1e-7 allows 4.5e-4 rad): on an AMD
+    # EPYC (7 Dec) the embedding's drift, the noisiest tensor here, came out 4.3e-5 apart (1.6e-4
+    # relative) where torch's float32 kernels sum in another order than on Intel.
     for name, value in meta_t["figures"].items():
-        assert meta_k["figures"][name] == pytest.approx(value, rel=1e-4), name
+        tolerance = {"abs": 1e-4} if name == "direction_drift" else {"rel": 1e-4}
+        assert meta_k["figures"][name] == pytest.approx(value, **tolerance), name
     forecasts_k, forecasts_t = meta_k["forecasts"], meta_t["forecasts"]
     assert forecasts_t and len(forecasts_k) == len(forecasts_t)
     assert len({f["anchor_step"] for f in forecasts_k}) == len(horizons)  # (20, 40) at step 70
     for fk, ft in zip(forecasts_k, forecasts_t, strict=True):
         # looser: the anchors' vectors are stored in bfloat16, and a float32 value that sits on a
-        # rounding boundary rounds either way (measured: 7e-4 apart on this noise-dominated run)
-        assert fk["error_ratio"] == pytest.approx(ft["error_ratio"], rel=3e-3)
+        # rounding boundary rounds either way. On this noise-dominated run the forecast is worse
+        # than holding (error ratio 2.3), its error mostly coef²·‖v‖² of an extrapolated fit, so
+        # what the two paths' float32 sums leave apart is amplified: 7e-4 apart on an Intel VM,
+        # 6.0e-3 on an AMD EPYC (7 Dec; e_relex 149.36 against 147.59, e_hold and e_norm 2e-6).
+        assert fk["error_ratio"] == pytest.approx(ft["error_ratio"], rel=1.5e-2)
     for name, rec in meta_t["per_tensor"].items():
         assert meta_k["per_tensor"][name]["last_coef"] == pytest.approx(rec["last_coef"], rel=1e-4, abs=1e-7)
 
