@@ -475,6 +475,10 @@ class WatchService:
         ingested = self._drain()
         if ingested or self._previews_dirty:
             self.refresh_previews()
+        if not ingested and self.engine is not None:
+            freed = self.engine.release_buffers(self.settings.buffer_idle_s)
+            if freed:
+                log.info("freed the buffers kept for the next ingest", mb=round(freed / 2**20))
 
     def _say(self, news: ScanNews) -> None:
         for path, why in news.unsupported:

@@ -53,6 +53,12 @@ class TensorBackend(Closeable):
         """Write the preview's shard ``files`` into ``staging``; returns (tensor → file, bytes)."""
         raise NotImplementedError
 
+    def release_buffers(self, idle_for: float = 0.0) -> int:
+        """Free the tasks' buffers kept for the next ingest, if none was used in the last
+        ``idle_for`` seconds (:class:`~relexd.engine.memory.TaskBuffers`); the bytes freed here.
+        Cluster workers keep theirs within the same limit until they are closed."""
+        return 0
+
     def close(self) -> None:
         pass
 
@@ -102,6 +108,9 @@ class LocalTensors(TensorBackend):
         should_stop: Callable[[], bool],
     ) -> tuple[dict[str, str], int]:
         return write_preview_files(snapshot, base, target, staging, files, should_stop)
+
+    def release_buffers(self, idle_for: float = 0.0) -> int:
+        return self.pool.buffers.release(idle_for)
 
     def close(self) -> None:
         self.pool.close()

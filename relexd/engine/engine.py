@@ -155,6 +155,12 @@ class Engine(Closeable):
             self.snapshot, self.base, target, Path(out_dir), should_stop=should_stop, backend=self.backend
         )
 
+    def release_buffers(self, idle_for: float = 0.0) -> int:
+        """Free the buffers kept for the next ingest (:class:`~relexd.engine.memory.TaskBuffers`:
+        at most what one ingest's tasks in flight hold) if no ingest used them in the last
+        ``idle_for`` seconds; the bytes freed."""
+        return self.backend.release_buffers(idle_for)
+
     def summary(self) -> dict[str, Any]:
         meta = self.snapshot.meta
         return {

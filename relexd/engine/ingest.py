@@ -27,7 +27,7 @@ import torch
 
 from relexd.engine.base import BaseModel
 from relexd.engine.config import EngineConfig
-from relexd.engine.memory import huge_empty
+from relexd.engine.memory import TaskBuffers
 from relexd.engine.page_cache import page_cache_room, state_outgrows_page_cache
 from relexd.engine.pool import Cancelled, Cutoff, TensorPool
 from relexd.errors import CheckpointError, RelexdError
@@ -281,13 +281,14 @@ def run_tensors(
             if should_stop():
                 raise Interrupted(f"stopped in tensor {name!r} of step {work.step}")
 
-        return work.run_tensor(name, stop)
+        return work.run_tensor(name, stop, pool.buffers)
 
     def done(name: str, _result: TensorResult) -> None:
         if on_tensor is not None:
             on_tensor(name, work.base.reader.info(name).numel)
 
     costs = {n: work.task_bytes(n) for n in names}
+    pool.buffers.limit = work.buffer_limit(in_flight or pool.workers, pool.memory_budget)
     fillers = {n for n in names if work.base.reader.info(n).numel <= FILLER_ELEMS}
     return pool.run(
         costs, task, done, reverse_ties=work.observed % 2 == 1, in_flight=in_flight, fillers=fillers
@@ -428,7 +429,7 @@ class CheckpointPass:
         self.old_sketch = snapshot.sketch()
         # checkpoints whose reader caches assembled tensors are read by one task at a time
         self._read_lock = threading.Lock()
-        self._worker = threading.local()  # per worker thread: its delta buffer
+        self._worker = threading.local()  # per worker thread: its chunk buffers
         self.sketch: PositionalSafetensorsWriter | None = None
         self.anchor_v: PositionalSafetensorsWriter | None = None
         self.anchor_x: PositionalSafetensorsWriter | None = None
@@ -539,21 +540,14 @@ class CheckpointPass:
         if self.old_sketch is not None:
             self.old_sketch.unmap(name, i, j)
 
-    def _worker_buffer(self, slot: str, numel: int, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """This worker's float32 buffer ``slot`` of at least ``numel`` elements, from ``make``.
-        Reused from the previous tensor while at most twice the size needed — a fresh one
-        page-faults on every first touch (~2 ns per element measured) — so a task never holds more
-        than twice what it budgets."""
-        buffer: torch.Tensor | None = getattr(self._worker, slot, None)
-        if buffer is None or not numel <= buffer.numel() <= 2 * numel:
-            setattr(self._worker, slot, None)  # free before allocating
-            buffer = make(numel)
-            setattr(self._worker, slot, buffer)
-        return buffer
-
-    def _delta_buffer(self, numel: int) -> torch.Tensor:
-        """This worker's buffer for a delta of ``numel`` elements (:meth:`_worker_buffer`)."""
-        return self._worker_buffer("x", numel, lambda n: huge_empty((n,), torch.float32))
+    def buffer_limit(self, in_flight: int, memory_budget: int | None) -> int:
+        """Bytes the tasks' large buffers (:class:`~relexd.engine.memory.TaskBuffers`) may hold,
+        taken and kept together: ``in_flight`` tasks' worth of the largest task's, the delta of
+        the largest tensor (a task that keeps its basis holds no more: :meth:`keeps_columns`),
+        within ``memory_budget`` where one is set (but at least that one task's)."""
+        largest = 4 * self.largest
+        limit = in_flight * largest
+        return limit if memory_budget is None else min(limit, max(memory_budget, largest))
 
     def keeps_columns(self, name: str) -> bool:
         """Whether tensor ``name``'s task reads its old basis once, around the page cache, and
@@ -575,13 +569,6 @@ class CheckpointPass:
         """Memory the task of tensor ``name`` holds (:func:`task_bytes`, plus its kept columns)."""
         numel, width = self.base.reader.info(name).numel, self.config.width
         return task_bytes(numel, width) + (4 * width * numel if self.keeps_columns(name) else 0)
-
-    def _kept_buffer(self, width: int, numel: int) -> torch.Tensor:
-        """This worker's buffer for ``width`` × ``numel`` kept columns, aligned for ``O_DIRECT``
-        (:meth:`_worker_buffer`)."""
-        need = width * numel
-        buffer = self._worker_buffer("kept", need, lambda n: huge_empty((n,), torch.float32))
-        return buffer[:need].view(width, numel)
 
     def _chunk_buffers(self) -> _ChunkBuffers:
         """This worker's chunk buffers, made once per checkpoint and reused for every tensor it
@@ -628,7 +615,23 @@ class CheckpointPass:
             f.prefetch(f"v/{name}", *span)
             f.prefetch(f"x/{name}", *span)
 
-    def run_tensor(self, name: str, stop: Callable[[], None]) -> TensorResult:
+    def run_tensor(self, name: str, stop: Callable[[], None], buffers: TaskBuffers) -> TensorResult:
+        """Update one tensor's sketch (:meth:`_update`), in a delta buffer (and a kept basis:
+        :meth:`keeps_columns`) taken from ``buffers`` and given back to them once done."""
+        numel, width = self.ckpt.info(name).numel, self.config.width
+        x = buffers.take(numel)
+        kept = buffers.take(width * numel) if self.keeps_columns(name) else None
+        try:
+            columns = None if kept is None else kept[: width * numel].view(width, numel)
+            return self._update(name, stop, x[:numel], columns)
+        finally:
+            buffers.give(x)
+            if kept is not None:
+                buffers.give(kept)
+
+    def _update(
+        self, name: str, stop: Callable[[], None], x: torch.Tensor, kept: torch.Tensor | None
+    ) -> TensorResult:
         """Update one tensor's sketch (see :mod:`relexd.math.sketch`): pass 1 forms the delta chunk
         by chunk and takes the products and the anchors' dot products while the chunk is in the
         CPU's cache, an exact residual pass runs only if the products cancel, then pass 2 writes the
@@ -641,17 +644,13 @@ class CheckpointPass:
         basis leaves it once pass 2 has read it (:meth:`SketchFile.release`), and where even the
         rest outgrows it the new columns are written around it (``O_DIRECT``:
         :attr:`write_direct`) and the old basis of every tensor but the largest is read around it
-        too, once, and kept for pass 2 (:meth:`keeps_columns`)."""
+        too, once, and kept for pass 2 (:meth:`keeps_columns`), in ``kept`` (width × numel).
+        ``x`` receives the delta (numel)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
         numel = stored.numel
         buf = self._chunk_buffers()
-        keeps = self.keeps_columns(name)
-        if not keeps:  # freed first: the largest task must not hold another's kept basis too
-            self._worker.kept = None
-        x = self._delta_buffer(numel)[:numel]
-        kept = self._kept_buffer(width, numel) if keeps else None
         chunks = list(spans(numel, CHUNK_ELEMS))
         first = chunks[0] if chunks else None  # none for a tensor without elements
         # a checkpoint whose reader caches assembled tensors is read whole, by one task at a time,

@@ -33,6 +33,7 @@ from typing import TypeVar
 import torch
 
 from relexd._closeable import Closeable
+from relexd.engine.memory import TaskBuffers
 
 R = TypeVar("R")
 
@@ -59,13 +60,15 @@ class _Run:
 
 class TensorPool(Closeable):
     """``workers`` threads; ``memory_budget`` bytes caps the summed cost of the tasks in flight
-    (a task that alone exceeds it still runs, alone)."""
+    (a task that alone exceeds it still runs, alone). :attr:`buffers` are the tasks' large buffers,
+    kept with the pool from one run to the next (:class:`~relexd.engine.memory.TaskBuffers`)."""
 
     def __init__(self, workers: int, memory_budget: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers must be ≥ 1, not {workers}")
         self.workers = workers
         self.memory_budget = memory_budget
+        self.buffers = TaskBuffers()
         self._executor: ThreadPoolExecutor | None = None
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -157,6 +160,7 @@ class TensorPool(Closeable):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self.buffers.release()
 
 
 def fillers_first(ordered: Sequence[str], fillers: Collection[str]) -> list[str]:

@@ -197,3 +197,51 @@ def test_huge_empty_falls_back_to_torch_where_the_mapping_is_refused(monkeypatch
     monkeypatch.setattr(mmap, "mmap", refused)
     buf = memory.huge_empty((3, memory.HUGE_PAGE), torch.float32)
     assert buf.shape == (3, memory.HUGE_PAGE) and buf.data_ptr() % 4096 == 0
+
+
+def test_task_buffers_hand_a_fitting_buffer_on_and_stay_within_their_limit() -> None:
+    from relexd.engine.memory import TaskBuffers
+
+    made: list[int] = []
+
+    def make(numel: int) -> torch.Tensor:
+        made.append(numel)
+        return torch.empty(numel)
+
+    buffers = TaskBuffers(make)
+    first = buffers.take(100)
+    buffers.give(first)
+    assert buffers.kept_bytes == 0  # no limit: nothing is kept
+    buffers.limit = 4 * 150
+    first = buffers.take(100)
+    buffers.give(first)
+    assert buffers.kept_bytes == 400
+    again = buffers.take(80)  # 80 ≤ 100 ≤ 2 × 80: the kept one
+    assert again.data_ptr() == first.data_ptr() and made == [100, 100]
+    buffers.give(again)
+    small = buffers.take(40)  # 100 > 2 × 40: a new one, and 160 + 400 still fit the limit
+    assert made[-1] == 40 and buffers.kept_bytes == 400 and buffers.taken_bytes == 160
+    other = buffers.take(30)  # 160 + 120 + 400 do not: the kept one goes first
+    assert made[-1] == 30 and buffers.kept_bytes == 0 and buffers.taken_bytes == 280
+    buffers.give(small)
+    buffers.give(other)
+    assert buffers.kept_bytes == 280 and buffers.taken_bytes == 0
+    buffers.limit = 200  # a lower limit frees what exceeds it at once, smallest first
+    assert buffers.kept_bytes == 160
+    assert buffers.release(idle_for=3600) == 0 and buffers.kept_bytes == 160  # used just now
+    assert buffers.release() == 160 and buffers.kept_bytes == 0
+
+
+def test_a_failed_allocation_leaves_the_task_buffers_balanced() -> None:
+    import pytest
+
+    from relexd.engine.memory import TaskBuffers
+
+    def refuse(numel: int) -> torch.Tensor:
+        raise MemoryError
+
+    buffers = TaskBuffers(refuse)
+    buffers.limit = 1 << 20
+    with pytest.raises(MemoryError):
+        buffers.take(100)
+    assert buffers.taken_bytes == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -367,13 +368,13 @@ def test_the_default_computes_one_tensor_per_idle_core_where_the_state_fits_the_
     lock = threading.Lock()
     run_tensor = ingest_module.CheckpointPass.run_tensor
 
-    def counted(self: Any, name: str, stop: Any) -> Any:
+    def counted(self: Any, name: str, stop: Any, buffers: Any) -> Any:
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
         try:
             time.sleep(0.005)  # tasks that may overlap do
-            return run_tensor(self, name, stop)
+            return run_tensor(self, name, stop, buffers)
         finally:
             with lock:
                 running[0] -= 1
@@ -503,3 +504,47 @@ def test_equal_tensors_are_computed_in_alternating_order_from_one_checkpoint_to_
     layers = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)]
     assert [order[0] for order in orders] == ["model.embed_tokens.weight"] * 3
     assert [order[1:] for order in orders] == [layers[::-1], layers, layers[::-1]]
+
+
+def test_buffers_kept_from_task_to_task_and_ingest_to_ingest_change_nothing(
+    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task gets an earlier task's delta buffer with that task's values still in it: every
+    buffer given back is filled with NaN here, and the committed state is still that of a run
+    whose buffers are fresh (any element read before it is written would show); and the second
+    ingest on makes no new buffer for the largest tensor."""
+    from relexd.engine import memory
+
+    root, base = run
+    _follow(root, base, tmp_path / "plain", 2, EngineConfig())
+    made: list[int] = []
+    real_make, real_give = memory.huge_f32, memory.TaskBuffers.give
+
+    def counted_make(numel: int) -> torch.Tensor:
+        made.append(numel)
+        return real_make(numel)
+
+    def poisoned_give(self: memory.TaskBuffers, buffer: torch.Tensor) -> None:
+        buffer.fill_(float("nan"))
+        real_give(self, buffer)
+
+    monkeypatch.setattr(memory.TaskBuffers, "give", poisoned_give)
+    monkeypatch.setattr(memory, "huge_f32", counted_make)
+    _follow(root, base, tmp_path / "poisoned", 2, EngineConfig())
+    (meta_a, arrays_a), (meta_b, arrays_b) = _committed(tmp_path / "plain"), _committed(tmp_path / "poisoned")
+    assert meta_a == meta_b
+    assert sorted(arrays_a) == sorted(arrays_b)
+    assert all(torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a)
+    largest = max(math.prod(shape) for shape, _ in SHAPES.values())
+    assert made.count(largest) == 1, made  # made by the first ingest, taken by every later one
+
+
+def test_the_engine_frees_the_kept_buffers_once_idle(run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, base = run
+    with Engine(tmp_path / "state", base, EngineConfig(), threads=2) as engine:
+        for step in STEPS[:2]:
+            engine.ingest(root / f"checkpoint-{step}", step)
+        assert engine.release_buffers(idle_for=3600) == 0  # an ingest used them just now
+        largest = max(math.prod(shape) for shape, _ in SHAPES.values())
+        assert engine.release_buffers() >= 4 * largest  # the largest tensor's delta, at least
+        assert engine.release_buffers() == 0
