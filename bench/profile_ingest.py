@@ -13,7 +13,8 @@ kernel.perf_event_paranoid ≤ -1). Run alone: ``python -m bench.profile_ingest 
 [--rank 1] [--steady 3] [--freq 499] [--data perf.data]`` (``--from perf.data``: summarise a
 kept recording again); the state is built first from four checkpoints, anchor
 checkpoints are ingested unprofiled, and the ``--steady``-th steady ingest is the one profiled (the
-ones before it leave the page cache as a running ``relexd watch`` would).
+ones before it leave the page cache as a running ``relexd watch`` would). From the fifth checkpoint on,
+one engine ingests them all, as ``relexd watch`` keeps one open (its kept task buffers included).
 """
 
 from __future__ import annotations
@@ -86,22 +87,23 @@ def record(model: str, rank: int, steady: int, freq: int, data: Path) -> tuple[f
         run = Run(MODELS[model], rank, tmp)
         for _ in range(BUILD_CHECKPOINTS):
             run.ingest(DEFAULT)
-        for _ in range(steady - 1):
+        with run.engine(DEFAULT) as engine:  # one engine from here on, as `relexd watch` keeps
+            for _ in range(steady - 1):
+                while run.next_is_anchor():
+                    run.ingest(DEFAULT, engine=engine)
+                seconds, cpu = run.ingest(DEFAULT, engine=engine)
+                print(f"steady (unprofiled): {seconds:.2f} s, CPU {cpu:.1f} s", flush=True)
             while run.next_is_anchor():
-                run.ingest(DEFAULT)
-            seconds, cpu = run.ingest(DEFAULT)
-            print(f"steady (unprofiled): {seconds:.2f} s, CPU {cpu:.1f} s", flush=True)
-        while run.next_is_anchor():
-            run.ingest(DEFAULT)
-        ckpt = run.checkpoint()
-        perf = subprocess.Popen(
-            ["perf", "record", "-a", "-g", "-F", str(freq), "-o", str(data)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        time.sleep(1.0)  # perf's start-up, outside the ingest
-        seconds, cpu = run.ingest(DEFAULT, ckpt_step=ckpt)
-        perf.send_signal(signal.SIGINT)
-        perf.wait()
+                run.ingest(DEFAULT, engine=engine)
+            ckpt = run.checkpoint()
+            perf = subprocess.Popen(
+                ["perf", "record", "-a", "-g", "-F", str(freq), "-o", str(data)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)  # perf's start-up, outside the ingest
+            seconds, cpu = run.ingest(DEFAULT, ckpt_step=ckpt, engine=engine)
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
     return seconds, cpu
 
 

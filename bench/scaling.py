@@ -98,17 +98,27 @@ class Run:
         with torch_threads(SYNTH_THREADS):
             return self.traj.write_checkpoint(self.base, self.ckpt_dir, step), step
 
+    def engine(self, threads: int, state: Path | None = None) -> Engine:
+        """An engine on ``state`` (default: the run's own) with ``threads`` workers
+        (:data:`DEFAULT`: relexd's default)."""
+        workers = None if threads == DEFAULT else threads
+        return Engine(state or self.state, self.base, EngineConfig(rank=self.rank), threads=workers)
+
     def ingest(
-        self, threads: int, state: Path | None = None, ckpt_step: tuple[Path, int] | None = None
+        self,
+        threads: int,
+        state: Path | None = None,
+        ckpt_step: tuple[Path, int] | None = None,
+        engine: Engine | None = None,
     ) -> tuple[float, float]:
         """Ingest the next checkpoint (or ``ckpt_step``) into ``state`` (default: the run's own)
-        with ``threads`` workers (:data:`DEFAULT`: relexd's default), in an engine opened for it;
-        returns (seconds of the ingest, CPU seconds of the process)."""
+        with ``threads`` workers (:data:`DEFAULT`: relexd's default), in an engine opened for it,
+        or in ``engine`` (on the run's own state: kept open from one ingest to the next, as
+        ``relexd watch`` keeps it); returns (seconds of the ingest, CPU seconds of the process)."""
         ckpt, step = ckpt_step or self.checkpoint()
-        workers = None if threads == DEFAULT else threads
-        with Engine(state or self.state, self.base, EngineConfig(rank=self.rank), threads=workers) as engine:
+        with contextlib.nullcontext(engine) if engine is not None else self.engine(threads, state) as opened:
             cpu = _cpu()
-            report = engine.ingest(ckpt, step)
+            report = opened.ingest(ckpt, step)
             cpu = _cpu() - cpu
         if state is None:
             self.observed += 1

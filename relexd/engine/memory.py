@@ -110,7 +110,8 @@ class TaskBuffers:
     ``clear_page_erms`` under huge-page faults was 24-36 % of a cached 0.5B rank-1 ingest's samples
     (bench/results/full/profile-0.5b-r1-7dec-amd.md), and first touches after a pause ran at
     0.7-1.1 GB/s against 12-17 GB/s for huge pages reused at once. Kept, steady 0.5B rank-1
-    ingests took 1.07× less time and 14 % less CPU there (bench/results/full/task-buffers-7dec-amd.md).
+    ingests ran 1.07× faster with 14 % less CPU there back to back, and 1.16× faster with 26 % less
+    CPU with a 10 s pause before each, as beside a trainer (bench/results/full/task-buffers-7dec-amd.md).
 
     What it holds: a task gets the smallest kept buffer of ``numel`` to ``2 × numel`` elements (a
     task never holds more than twice what it budgets, as before), else a new one. Kept and taken
