@@ -176,3 +176,33 @@ def test_the_daemon_keeps_its_startup_heap_out_of_full_collections(tmp_path: Pat
     finally:
         assert daemon.stop() == 0
     assert said and said[0]["objects"] > 100_000  # the daemon itself did it, before its threads started
+
+
+@pytest.mark.parametrize("idle_s", [0.0, 3600.0])
+def test_the_daemon_frees_the_buffers_kept_for_the_next_ingest_once_idle(
+    tmp_path: Path, idle_s: float
+) -> None:
+    """After an ingest the tasks' buffers stay for the next one (relexd.engine.memory.TaskBuffers);
+    a round that ingests nothing frees them once none was used for ``buffer_idle_s``."""
+    from relexd.daemon.config import WatchSettings
+    from relexd.daemon.service import WatchService
+
+    planted, base = make_base(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = WatchSettings(
+        run_dir=run, base=base, state_dir=tmp_path / "state", debounce=0.0, buffer_idle_s=idle_s
+    )
+    service = WatchService(settings)
+    service.open()
+    assert service.engine is not None
+    try:
+        hf_save(run, 10, planted.at(10))
+        service.pass_once(force_stable=True)
+        assert service.engine.steps == [10]
+        kept = service.engine.backend.pool.buffers  # type: ignore[attr-defined]
+        assert kept.kept_bytes > 0  # an ingest's round keeps them
+        service.pass_once(force_stable=True)  # nothing new
+        assert (kept.kept_bytes == 0) == (idle_s == 0.0)
+    finally:
+        service.engine.close()
