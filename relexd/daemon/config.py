@@ -66,7 +66,8 @@ class WatchSettings:
     memory_budget: int | None = None
     #: seconds without an ingest after which the buffers kept for the next one are freed
     #: (relexd.engine.memory.TaskBuffers): while checkpoints come more often, keeping them saves
-    #: each ingest their first touch (0.2-0.6 s per 0.5B ingest); rarer, that saving is under 0.2 %
+    #: each ingest their first touch (0.1-0.3 s of a 0.5B rank-1 ingest on the AMD VM of 7 Dec,
+    #: bench/results/full/task-buffers-7dec-amd.md); rarer, that saving is under 0.1 %
     buffer_idle_s: float = 300.0
     #: overwrite the replaced generation's sketch file in place (relexd.state.store: "The spare
     #: sketch"); False gives its disk space back after every commit
