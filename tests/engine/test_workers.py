@@ -184,9 +184,9 @@ def test_the_fused_pass_1_commits_the_state_of_torchs_products(
     for fk, ft in zip(forecasts_k, forecasts_t, strict=True):
         # looser: the anchors' vectors are stored in bfloat16, and a float32 value that sits on a
         # rounding boundary rounds either way. On this noise-dominated run the forecast is worse
-        # than holding (error ratio 2.3), its error mostly coef²·‖v‖² of an extrapolated fit, so
-        # what the two paths' float32 sums leave apart is amplified: 7e-4 apart on an Intel VM,
-        # 6.0e-3 on an AMD EPYC (7 Dec; e_relex 149.36 against 147.59, e_hold and e_norm 2e-6).
+        # than holding (error ratio 2.3) and its error is 5× ‖x‖², so what the two paths' float32
+        # sums leave apart in the predicted vector shows large: 7e-4 apart on an Intel VM, 6.0e-3
+        # on an AMD EPYC (7 Dec; e_relex 149.36 against 147.59, e_hold and e_norm within 2e-6).
         assert fk["error_ratio"] == pytest.approx(ft["error_ratio"], rel=1.5e-2)
     for name, rec in meta_t["per_tensor"].items():
         assert meta_k["per_tensor"][name]["last_coef"] == pytest.approx(rec["last_coef"], rel=1e-4, abs=1e-7)
@@ -509,10 +509,10 @@ def test_equal_tensors_are_computed_in_alternating_order_from_one_checkpoint_to_
 def test_buffers_kept_from_task_to_task_and_ingest_to_ingest_change_nothing(
     run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A task gets an earlier task's delta buffer with that task's values still in it: every
-    buffer given back is filled with NaN here, and the committed state is still that of a run
-    whose buffers are fresh (any element read before it is written would show); and the second
-    ingest on makes no new buffer for the largest tensor."""
+    """A task gets an earlier task's delta buffer with that task's values still in it. Here every
+    buffer given back is filled with NaN, and the committed state is still bit for bit that of a
+    run whose reused buffers hold the earlier values: an element read before it is written would
+    bring a NaN in. And from the second ingest on no new buffer is made for the largest tensor."""
     from relexd.engine import memory
 
     root, base = run
