@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from relexd.errors import CheckpointError
 from relexd.io.safetensors_file import DTYPES, SafetensorsFile, dtype_code, read_header
+from tests.io.page_cache import evict, resident_pages
 
 
 def _raw_file(path: Path, header: dict, data: bytes) -> Path:
@@ -230,8 +231,10 @@ def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
     advised: tuple[Path, list[tuple[int, int, int]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The read-ahead hint names exactly the bytes a read of the same range would read (clipped
-    to the tensor), asks nothing for an empty range, and a refused hint is no error."""
+    to the tensor), asks nothing for an empty range, and a refused hint is no error (the file's
+    pages taken for uncached: the next test is about that)."""
     path, calls = advised
+    monkeypatch.setattr(SafetensorsFile, "_cached", lambda self, offset, length: False)
     with SafetensorsFile(path) as f:
         b = f.info("b")
         f.prefetch("b", 10, 30)
@@ -244,6 +247,33 @@ def test_prefetch_asks_for_the_bytes_of_the_element_range_only(
         monkeypatch.setattr(os, "posix_fadvise", _refuse)
         f.prefetch("b", 0, 100)  # a hint: its failure is not the read's
         assert torch.equal(f.read_range("b", 10, 30), torch.arange(10, 30, dtype=torch.bfloat16))
+
+
+def test_prefetch_asks_nothing_for_a_range_the_page_cache_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel would look up every page of a cached range to find nothing to read: the hint is
+    given only where the range's first or last page is not cached (probed with reads that may not
+    wait for the disk)."""
+    path = tmp_path / "t.safetensors"
+    save_file({"b": torch.arange(100, dtype=torch.bfloat16)}, path)
+    calls: list[tuple[int, int, int]] = []
+
+    def recording(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+
+    with SafetensorsFile(path) as f:
+        f.read_range("b", 0, 100)
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "posix_fadvise", recording)
+            f.prefetch("b", 0, 100)
+        assert calls == []  # just written and read: cached
+        evict(path)
+        if any(resident_pages(path)):
+            pytest.skip(f"the file system of {path} keeps its pages (tmpfs?)")
+        monkeypatch.setattr(os, "posix_fadvise", recording)
+        f.prefetch("b", 0, 100)
+        assert calls == [(f.info("b").start, 200, os.POSIX_FADV_WILLNEED)]
 
 
 def test_release_drops_the_bytes_of_the_element_range_or_the_whole_file(

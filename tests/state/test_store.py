@@ -153,6 +153,7 @@ def test_sketch_hints_cover_the_range_in_every_basis_vector(
 
     from safetensors.torch import save_file
 
+    from relexd.io.safetensors_file import SafetensorsFile
     from relexd.state.store import SKETCH_COLUMNS, SketchFile
 
     path = tmp_path / "sketch.safetensors"
@@ -161,6 +162,7 @@ def test_sketch_hints_cover_the_range_in_every_basis_vector(
     monkeypatch.setattr(
         os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice))
     )
+    monkeypatch.setattr(SafetensorsFile, "_cached", lambda self, offset, length: False)  # a read-ahead hint
     advice = os.POSIX_FADV_WILLNEED if hint == "prefetch" else os.POSIX_FADV_DONTNEED
     with SketchFile(path) as sketch:
         start = sketch._files.file("w").info("w").start
