@@ -165,13 +165,13 @@ def test_rotated_mid_read_counts_missed_and_leaves_state(h: Harness, monkeypatch
     real_preadv = os.preadv
     calls = {"n": 0}
 
-    def preadv(fd: int, buffers: list, offset: int) -> int:
+    def preadv(fd: int, buffers: list, offset: int, *flags: int) -> int:  # flags: the page-cache probe
         calls["n"] += 1
         if calls["n"] == 3 and ckpt.exists():
             shutil.rmtree(ckpt)  # rotation happens between two reads
         if not ckpt.exists() and os.readlink(f"/proc/self/fd/{fd}").startswith(str(ckpt)):
             raise OSError(errno.ESTALE, "Stale file handle")
-        return real_preadv(fd, buffers, offset)
+        return real_preadv(fd, buffers, offset, *flags)
 
     monkeypatch.setattr(safetensors_file.os, "preadv", preadv)
     before = _generation(h)

@@ -156,11 +156,11 @@ def test_a_device_refusing_direct_reads_falls_back_to_plain_ones(
         if f._direct_descriptor() is None:
             pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
 
-        def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        def preadv(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
             if fd == f._direct_fd:
                 calls["direct"] += 1
                 raise OSError(errno.EINVAL, "Invalid argument")
-            return real_preadv(fd, buffers, offset)
+            return real_preadv(fd, buffers, offset, *flags)
 
         monkeypatch.setattr(os, "preadv", preadv)
         out = aligned_empty((4096,), torch.float32)
