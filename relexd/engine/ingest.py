@@ -561,9 +561,13 @@ class CheckpointPass:
         tensor but the embedding (85 % of the sketch)."""
         if not self.read_direct or self.old_sketch is None:
             return False
-        numel = self.base.reader.info(name).numel
-        width = self.config.width
-        return (1 + width) * numel <= self.largest and self.old_sketch.direct_readable(name, width)
+        return self._basis_fits(name) and self.old_sketch.direct_readable(name, self.config.width)
+
+    def _basis_fits(self, name: str) -> bool:
+        """Whether tensor ``name``'s task, holding its whole old basis besides its delta (1 + width
+        floats per element), holds no more than the largest tensor's task without (1 float per
+        element): the rule of :meth:`keeps_columns` and :meth:`holds_mapped`."""
+        return (1 + self.config.width) * self.base.reader.info(name).numel <= self.largest
 
     def holds_mapped(self, name: str) -> bool:
         """Whether tensor ``name``'s task keeps each chunk of its old basis mapped from pass 1 to
@@ -577,10 +581,7 @@ class CheckpointPass:
         on every core the process runs on) cost the kernel per page, once more per pass; held,
         steady cached 0.5B rank-1 ingests made 20 % fewer ``madvise`` calls (bench/README.md, 7 Dec,
         afternoon)."""
-        if not self.maps_state or self.old_sketch is None:
-            return False
-        numel = self.base.reader.info(name).numel
-        return (1 + self.config.width) * numel <= self.largest
+        return self.maps_state and self.old_sketch is not None and self._basis_fits(name)
 
     def task_bytes(self, name: str) -> int:
         """Memory the task of tensor ``name`` holds (:func:`task_bytes`, plus its kept or held
@@ -760,8 +761,9 @@ class CheckpointPass:
                 dots[a][0] += x_dot_v
                 dots[a][1] += x_dot_xa
         check_finite(self.base, self.ckpt, name, x, upd.xsq)
+        reread = kept is None and not held  # later passes read the old basis from its file again
         if upd.exact_residual_needed():
-            bytes_read += sketch_bytes if kept is None and not held else 0
+            bytes_read += sketch_bytes if reread else 0
             for i, j in chunks:
                 stop()
                 upd.accumulate_residual(old_columns(i, j), x[i:j])
@@ -772,11 +774,11 @@ class CheckpointPass:
         assert self.sketch is not None, "open_writers() first"
         a_vsq = a_xsq = 0.0
         adt = config.anchor_torch_dtype
-        bytes_read += sketch_bytes if kept is None and not held else 0
-        self._prefetch(name, first, anchors=False, sketch=kept is None and not held)
+        bytes_read += sketch_bytes if reread else 0
+        self._prefetch(name, first, anchors=False, sketch=reread)
         for (i, j), nxt in with_next(chunks):
             stop()
-            self._prefetch(name, nxt, anchors=False, sketch=kept is None and not held)
+            self._prefetch(name, nxt, anchors=False, sketch=reread)
             q_new = upd.new_columns(old_columns(i, j), x[i:j], buf.out)
             if kept is None:
                 done_with_columns(i, j, last=True)

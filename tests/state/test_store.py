@@ -162,7 +162,7 @@ def test_sketch_hints_cover_the_range_in_every_basis_vector(
     monkeypatch.setattr(
         os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice))
     )
-    monkeypatch.setattr(SafetensorsFile, "_cached", lambda self, offset, length: False)  # a read-ahead hint
+    monkeypatch.setattr(SafetensorsFile, "_cached", lambda self, offset, length: False)  # uncached: hinted
     advice = os.POSIX_FADV_WILLNEED if hint == "prefetch" else os.POSIX_FADV_DONTNEED
     with SketchFile(path) as sketch:
         start = sketch._files.file("w").info("w").start
