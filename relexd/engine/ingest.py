@@ -363,9 +363,10 @@ def ingest(
 class _ChunkBuffers:
     """One worker's chunk-sized buffers: ``raw`` receives stored bytes (checkpoint, base,
     anchors; up to 8 bytes per element: the fused kernel reads the checkpoint into one half and
-    the base into the other), ``pair`` two float32 conversions (a scored anchor's two vectors, so
-    that both dot products with the delta are one matrix-vector product: one read of the delta's
-    chunk instead of two; for the fused kernel, its bytes hold the anchor's stored vectors),
+    the base into the other; in pass 2, the new anchor's two vectors as stored), ``pair`` two
+    float32 conversions (a scored anchor's two vectors, so that both dot products with the delta
+    are one matrix-vector product: one read of the delta's chunk instead of two; for the fused
+    kernel, its bytes hold the anchor's stored vectors),
     ``scratch`` its first row, ``old`` and ``out`` the old and new sketch columns (width × chunk)."""
 
     raw: torch.Tensor
@@ -787,14 +788,14 @@ class CheckpointPass:
             for c in range(width):
                 self.sketch.write(name, c * numel + i, q_new[c])
             if self.anchor_v is not None and self.anchor_x is not None:
-                va, xa = q_new[0].to(adt), x[i:j].to(adt)
+                # the anchor's vectors as stored, in the halves of the read buffer (pass 2 reads
+                # nothing into it), and the norms of those values: the forecast uses exactly them
+                va, xa = (half[: (j - i) * adt.itemsize].view(adt) for half in buf.raw.chunk(2))
+                v_sq, x_sq = kernels.anchor_vectors(q_new[0], x[i:j], va, xa)
+                a_vsq += v_sq
+                a_xsq += x_sq
                 self.anchor_v.write(f"v/{name}", i, va)
                 self.anchor_x.write(f"x/{name}", i, xa)
-                # norms of the values as stored, so the forecast uses exactly the anchor's vectors
-                va32 = as_f32(va)
-                a_vsq += float(torch.dot(va32, va32))
-                xa32 = as_f32(xa)
-                a_xsq += float(torch.dot(xa32, xa32))
 
         drift = None
         vv_old, vv_new, v_cross = upd.direction_change()

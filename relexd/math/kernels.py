@@ -143,6 +143,7 @@ def prepare(stored: set[torch.dtype], anchor: torch.dtype) -> None:
         for scored in (pair, None):
             pass1(x, [], scored, delta)
     combine([torch.zeros(1)], [], x, torch.zeros(1, 1))
+    anchor_vectors(x, x, *pair)
 
 
 @intrinsic
@@ -334,3 +335,71 @@ def _combine(o0, o1, nout, q0, q1, k, x, c):
             w = x[i]
             o0[i] = a0 * u + b0 * v + e0 * w
             o1[i] = a1 * u + b1 * v + e1 * w
+
+
+def anchor_vectors(
+    v: torch.Tensor, x: torch.Tensor, v_out: torch.Tensor, x_out: torch.Tensor
+) -> tuple[float, float]:
+    """Pass 2's new anchor over one chunk: ``v`` (the new direction) and ``x`` (the delta), float32,
+    stored into ``v_out`` and ``x_out`` in the anchor's dtype — bfloat16 rounded to nearest even, as
+    ``Tensor.to`` rounds, or float32 copied — and the squared norms of the values as stored,
+    summed in float64 (the forecast scored against the anchor uses exactly those values).
+
+    Why not torch: two conversions, two conversions back and two dot products per chunk, each a
+    pass over it and the first two a fresh allocation. In one loop, an anchor checkpoint of a 0.5B
+    rank-1 run took 3.77 s of CPU instead of 5.47 and 2.42 s instead of 3.30 (paired, 3 rounds;
+    bench/results/full/anchor-kernel-7dec-amd.md)."""
+    n = v.numel()
+    if x.numel() != n or v_out.numel() != n or x_out.numel() != n:
+        lengths = (n, x.numel(), v_out.numel(), x_out.numel())
+        raise ValueError(f"anchor chunks differ in length: {lengths}")
+    if v.dtype != torch.float32 or x.dtype != torch.float32:
+        raise ValueError(f"anchor_vectors takes float32 vectors, not {v.dtype} and {x.dtype}")
+    if v_out.dtype != x_out.dtype or not widens(v_out.dtype):
+        raise ValueError(f"anchors are stored as bfloat16 or float32, not {v_out.dtype} and {x_out.dtype}")
+    out = np.zeros(2)
+    _anchor_vectors(_bits(v), _bits(x), _bits(v_out), _bits(x_out), out)
+    return float(out[0]), float(out[1])
+
+
+def _stored_bits(u, dst):
+    """The bits that float32 bits ``u`` are stored as in ``dst``'s dtype: bfloat16 rounded to
+    nearest even, as torch rounds (a NaN, which an ingest never stores, becomes 0x7FC0, torch's
+    scalar NaN; its vectorised conversion writes 0xFFFF), float32 as is. Chosen by ``dst``'s type
+    when the kernel is compiled."""
+
+
+@overload(_stored_bits, inline="always")
+def _stored_bits_impl(u, dst):
+    if dst.dtype == types.uint16:
+
+        def to_bfloat16(u, dst):
+            if (u & 0x7FFFFFFF) > 0x7F800000:
+                return np.uint16(0x7FC0)
+            return np.uint16((u + ((u >> 16) & 1) + 0x7FFF) >> 16)
+
+        return to_bfloat16
+    return lambda u, dst: u
+
+
+@_jit
+def _anchor_vectors(v, x, v_out, x_out, out):
+    """out = [Σ stored(v)², Σ stored(x)²] while storing v and x (their float32 bits) into the
+    outputs' bits; over slices of one block, as :func:`_pass1`."""
+    n = v.shape[0]
+    vsq = xsq = 0.0
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        stop = start + m
+        vb, xb, vo, xo = v[start:stop], x[start:stop], v_out[start:stop], x_out[start:stop]
+        for i in range(m):
+            a = _stored_bits(vb[i], vo)
+            b = _stored_bits(xb[i], xo)
+            vo[i] = a
+            xo[i] = b
+            wa = np.float64(_as_float32(a))
+            wb = np.float64(_as_float32(b))
+            vsq += wa * wa
+            xsq += wb * wb
+    out[0] = vsq
+    out[1] = xsq

@@ -160,7 +160,9 @@ def test_the_fused_pass_1_commits_the_state_of_torchs_products(
     from relexd.engine import ingest as ingest_module
 
     # as the engine sees the kernels: no row count fits, so torch takes every chunk
-    off = SimpleNamespace(MAX_ROWS=-1, widens=kernels.widens, pass1=recording)
+    off = SimpleNamespace(
+        MAX_ROWS=-1, widens=kernels.widens, pass1=recording, anchor_vectors=kernels.anchor_vectors
+    )  # the new anchor is stored by its kernel either way
     monkeypatch.setattr(ingest_module, "kernels", off)
     calls.clear()
     _follow(root, base, tmp_path / "torch", 2, config)

@@ -176,3 +176,49 @@ def test_refuses_an_anchor_it_cannot_widen() -> None:
     half = torch.zeros(8, dtype=torch.float16)
     with pytest.raises(ValueError, match="anchors of bfloat16 or float32"):
         pass1(torch.zeros(8), [], (half, half))
+
+
+def _edge_values(n: int) -> torch.Tensor:
+    """Values whose rounding to bfloat16 is easy to get wrong: exact ties below even and odd
+    upper halves, values that round up into the next exponent and to infinity, subnormals, signed
+    zeros and infinities, then ordinary ones."""
+    ties = (0x3F000000 + 0x10000 * torch.arange(64, dtype=torch.int64) + 0x8000).to(torch.int32)
+    carry = torch.tensor([0x3F7FFFFF, 0x3F7F8000, 0x7F7FFFFF, 0x7F7F8000, 0x00000001, 0x0000FFFF])
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40])
+    carried = carry.to(torch.int32).view(torch.float32)
+    edges = torch.cat([ties.view(torch.float32), -ties.view(torch.float32), carried, special])
+    return torch.cat([edges, stored(n - edges.numel(), torch.float32, 12, 0.01)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_anchor_vectors_store_what_torch_stores_and_their_norms(dtype: torch.dtype) -> None:
+    """The stored bits equal ``Tensor.to``'s; the norms are the float64 sums of squares of the
+    stored values (not of the float32 ones: the forecast uses exactly what the anchor holds)."""
+    v, x = _edge_values(N), stored(N, torch.float32, 13)
+    v_out, x_out = torch.empty(N, dtype=dtype), torch.empty(N, dtype=dtype)
+    v_sq, x_sq = kernels.anchor_vectors(v, x, v_out, x_out)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(v_out.view(bits), v.to(dtype).view(bits))
+    assert torch.equal(x_out.view(bits), x.to(dtype).view(bits))
+    assert x_sq == pytest.approx(float(x.to(dtype).double().square().sum()), rel=1e-12)
+    finite = v.to(dtype).isfinite()
+    assert not finite.all() and v_sq == float("inf")  # the infinities are in the sum
+    v_sq, _ = kernels.anchor_vectors(torch.where(finite, v, 0.0), x, v_out, x_out)
+    assert v_sq == pytest.approx(float(v.to(dtype).double()[finite].square().sum()), rel=1e-12)
+
+
+def test_anchor_vectors_store_a_nan_as_a_nan() -> None:
+    v = torch.tensor([float("nan"), -float("nan"), 1.0])
+    v_out, x_out = torch.empty(3, dtype=torch.bfloat16), torch.empty(3, dtype=torch.bfloat16)
+    kernels.anchor_vectors(v, v, v_out, x_out)
+    assert v_out.isnan().tolist() == [True, True, False]
+
+
+def test_anchor_vectors_refuse_what_they_cannot_store() -> None:
+    z, half, bf16 = torch.zeros(8), torch.zeros(8, dtype=torch.float16), torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="differ in length"):
+        kernels.anchor_vectors(z, z, bf16, bf16[:7])
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        kernels.anchor_vectors(z, z, half, half)
+    with pytest.raises(ValueError, match="float32 vectors"):
+        kernels.anchor_vectors(z.double(), z, z, z)
