@@ -688,14 +688,11 @@ class CheckpointPass:
 
         upd = make_update(config.estimator, self.snapshot.small(name), width, config.oja_eta)
 
-        def as_f32(v: torch.Tensor, row: int = 0) -> torch.Tensor:
-            return buf.pair[row, : v.numel()].copy_(v)
-
         def anchor_pair(f: AnchorFiles, i: int, j: int) -> torch.Tensor:
             """Elements [i, j) of an anchor's two vectors (v, x) in float32, rows of one buffer,
             converted from the mapped file (no copy out of the page cache first) or read."""
             for row, value in enumerate(self._anchor_stored(f, name, i, j, buf.raw.chunk(2))):
-                as_f32(value, row)
+                buf.pair[row, : j - i].copy_(value)
             self._unmap_anchor(f, name, i, j)
             return buf.pair[:, : j - i]
 
