@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from relexd.cluster.partition import balance, next_parts
-from relexd.cluster.worker import PartJob, PartResult, PreviewJob
+from relexd.cluster.worker import Job, PartJob, PartResult, PreviewJob, ReleaseJob
 from relexd.engine.backend import ShardFiles, TensorBackend
 from relexd.engine.base import BaseModel
 from relexd.engine.ingest import CheckpointPass, Interrupted, TensorResult
@@ -38,7 +38,7 @@ class Transport(Protocol):
 
     workers: int
 
-    def submit(self, index: int, job: PartJob | PreviewJob) -> Any:
+    def submit(self, index: int, job: Job) -> Any:
         """Start ``job`` on worker ``index`` (:meth:`PartWorker.run`); returns a handle."""
 
     def wait(self, handles: Sequence[Any], timeout: float) -> list[Any]:
@@ -87,6 +87,9 @@ class PartitionedTensors(TensorBackend):
         self.on_part = on_part
         self.status = [WorkerStatus(i) for i in range(transport.workers)]
         self.rebalanced_from: int | None = None  # the previous worker count, after a rebalance
+        #: when the workers last computed an ingest's parts (:func:`time.monotonic`); None once
+        #: they were told to free the buffers kept from it (:meth:`release_buffers`)
+        self._computed_at: float | None = None
 
     def compute(
         self,
@@ -117,7 +120,10 @@ class PartitionedTensors(TensorBackend):
                 for name in part.results:
                     on_tensor(name, base.reader.info(name).numel)
 
-        self._run(jobs, collected, should_stop, f"step {work.step}")
+        try:
+            self._run(jobs, collected, should_stop, f"step {work.step}")
+        finally:  # a failed try may have left buffers kept too
+            self._computed_at = time.monotonic()
         return results, {"attempt": attempt, "parts": parts}
 
     def write_preview_files(
@@ -148,9 +154,37 @@ class PartitionedTensors(TensorBackend):
         self._run(jobs, collected, should_stop, f"the preview for step {target}")
         return weight_map, total[0]
 
+    def release_buffers(self, idle_for: float = 0.0) -> int:
+        """Have every worker that is up free the buffers it keeps for the next ingest, once the
+        workers have computed nothing for ``idle_for`` seconds; the bytes the workers freed.
+
+        Sent once per idle spell, not at every call: the daemon asks each time it finds nothing to
+        ingest. Not a part: it changes no worker's part time (the metric of the workers' speed).
+        A worker that is down is skipped (its restart freed its memory); one lost now is marked
+        down, to be probed before the next ingest, as after a lost part. One that fails, or does
+        not answer within ``restart_timeout_s`` (its next part waits behind the release), frees
+        nothing that counts."""
+        if self._computed_at is None or time.monotonic() - self._computed_at < idle_for:
+            return 0
+        self._computed_at = None
+        up = [w.index for w in self.status if w.up]
+        pending = {self.transport.submit(i, ReleaseJob(i, idle_for)): i for i in up}
+        freed = 0
+        deadline = time.monotonic() + self.restart_timeout_s
+        while pending and time.monotonic() < deadline:
+            for handle in self.transport.wait(list(pending), POLL_S):
+                index = pending.pop(handle)
+                try:
+                    part = self.transport.result(handle, index)
+                except WorkerLost:
+                    self._mark_down(self.status[index])
+                    continue
+                freed += part.nbytes if part.failure is None else 0
+        return freed
+
     def _run(
         self,
-        jobs: Sequence[PartJob | PreviewJob],
+        jobs: Sequence[Job],
         collected: Callable[[PartResult], None],
         should_stop: Callable[[], bool],
         what: str,

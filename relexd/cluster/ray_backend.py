@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("relexd --ray needs the ray extra: pip install 'relexd[ray]'") from exc
 
 from relexd.cluster.coordinator import PartitionedTensors
-from relexd.cluster.worker import PartJob, PartResult, PartWorker, PreviewJob
+from relexd.cluster.worker import Job, PartResult, PartWorker
 from relexd.engine.config import EngineConfig
 from relexd.errors import ConfigError, WorkerLost
 
@@ -79,7 +79,7 @@ class RayTransport:
             )
         return [ray.get(ref) for ref in refs]
 
-    def submit(self, index: int, job: PartJob | PreviewJob) -> Any:
+    def submit(self, index: int, job: Job) -> Any:
         return self.actors[index].run.remote(job)
 
     def wait(self, handles: Sequence[Any], timeout: float) -> list[Any]:

@@ -1,6 +1,7 @@
 """One cluster worker's share of an ingest: plain Python, so it runs (and is tested) without Ray.
 
-A worker holds the base model and a :class:`~relexd.engine.pool.TensorPool` across checkpoints. For
+A worker holds the base model and a :class:`~relexd.engine.pool.TensorPool` (and the buffers its
+tasks keep for the next checkpoint, until a :class:`ReleaseJob` frees them) across checkpoints. For
 each checkpoint the coordinator sends a :class:`PartJob`: which published generation to build on,
 the new generation's directory and attempt token, and the worker's tensors. The worker reads the
 published state itself from the shared state directory (and refuses a job built on another
@@ -64,6 +65,20 @@ class PreviewJob:
 
 
 @dataclass(frozen=True)
+class ReleaseJob:
+    """Free the buffers the worker keeps for its next part (its pool's
+    :class:`~relexd.engine.memory.TaskBuffers`) if none was used in the last ``idle_for`` seconds:
+    the daemon's idle release (``buffer_idle_s``), sent on by the coordinator."""
+
+    index: int
+    idle_for: float
+
+
+#: What the coordinator sends a worker.
+Job = PartJob | PreviewJob | ReleaseJob
+
+
+@dataclass(frozen=True)
 class Failure:
     """An error of a worker, as data: enough to raise the same error in the coordinator."""
 
@@ -109,7 +124,7 @@ class PartResult:
     index: int
     results: dict[str, TensorResult] = field(default_factory=dict)  # an ingest part's tensors
     written: dict[str, str] = field(default_factory=dict)  # a preview part's tensor → file
-    nbytes: int = 0  # a preview part's bytes
+    nbytes: int = 0  # a preview part's bytes written; a release's bytes freed
     failure: Failure | None = None
     seconds: float = 0.0
     host: str = ""
@@ -136,7 +151,7 @@ class PartWorker:
     def identity(self) -> tuple[str, int]:
         return socket.gethostname(), os.getpid()
 
-    def run(self, job: PartJob | PreviewJob) -> PartResult:
+    def run(self, job: Job) -> PartResult:
         """Do one job; every failure comes back as data (see the module docstring)."""
         started = time.monotonic()
         host, pid = self.identity()
@@ -144,6 +159,8 @@ class PartWorker:
         try:
             if isinstance(job, PartJob):
                 part.results = self._ingest(job)
+            elif isinstance(job, ReleaseJob):
+                part.nbytes = self.pool.buffers.release(job.idle_for)
             else:
                 part.written, part.nbytes = self._preview(job)
         except Exception as exc:

@@ -55,8 +55,8 @@ class TensorBackend(Closeable):
 
     def release_buffers(self, idle_for: float = 0.0) -> int:
         """Free the tasks' buffers kept for the next ingest, if none was used in the last
-        ``idle_for`` seconds (:class:`~relexd.engine.memory.TaskBuffers`); the bytes freed here.
-        Cluster workers keep theirs within the same limit until they are closed."""
+        ``idle_for`` seconds (:class:`~relexd.engine.memory.TaskBuffers`); the bytes freed, here
+        or on cluster workers."""
         return 0
 
     def close(self) -> None:

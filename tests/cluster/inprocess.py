@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relexd.cluster.worker import PartJob, PartResult, PartWorker, PreviewJob
+from relexd.cluster.worker import Job, PartResult, PartWorker
 from relexd.engine.config import EngineConfig
 from relexd.errors import WorkerLost
 
@@ -22,11 +22,11 @@ class InProcess:
         self._ids = itertools.count()
         #: called with (index, job) before a part runs; may raise WorkerLost, or return True to
         #: have the part "die" after it ran (files written, result lost)
-        self.before: Callable[[int, PartJob | PreviewJob], bool] | None = None
+        self.before: Callable[[int, Job], bool] | None = None
         self.restarted: list[int] = []
         self.hung: set[int] = set()  # workers whose parts never come back
 
-    def submit(self, index: int, job: PartJob | PreviewJob) -> int:
+    def submit(self, index: int, job: Job) -> int:
         handle = next(self._ids)
         self._worker[handle] = index
         lose = self.before(index, job) if self.before else False

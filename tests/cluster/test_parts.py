@@ -135,6 +135,50 @@ def test_a_hung_worker_is_restarted_after_the_timeout_and_the_generation_abandon
         assert engine.steps == [10, 20] and backend.status[1].up
 
 
+def test_idle_workers_free_the_buffers_they_keep_once_per_idle_spell(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The daemon's idle release (``Engine.release_buffers``) reaches the workers: each frees what
+    its tasks kept for the next ingest, only once the workers were idle long enough, once per idle
+    spell; a worker lost meanwhile is marked down and probed before the next ingest."""
+    root, base = run
+    state = tmp_path / "state"
+    config = EngineConfig()
+    transport = InProcess(base, config, 2)
+    sent: list[tuple[int, str]] = []
+
+    def record(index: int, job: object) -> bool:
+        sent.append((index, type(job).__name__))
+        return False
+
+    transport.before = record
+    backend = PartitionedTensors(transport, state)
+    pools = [part.pool.buffers for part in transport.parts]
+    with Engine(state, base, config, backend=backend) as engine:
+        engine.ingest(root / "checkpoint-10", 10)
+        kept = [pool.kept_bytes for pool in pools]
+        assert all(kept), "the workers keep their tasks' buffers for the next ingest"
+        sent.clear()
+        assert engine.release_buffers(idle_for=3600.0) == 0  # not idle for long enough yet
+        assert sent == [] and [pool.kept_bytes for pool in pools] == kept
+
+        assert engine.release_buffers(idle_for=0.0) == sum(kept)
+        assert sent == [(0, "ReleaseJob"), (1, "ReleaseJob")]
+        assert [pool.kept_bytes for pool in pools] == [0, 0]
+        assert engine.release_buffers(idle_for=0.0) == 0 and len(sent) == 2  # once per idle spell
+        assert all(w.up and w.last_seconds is not None for w in backend.status)  # parts' times stay
+
+        engine.ingest(root / "checkpoint-20", 20)
+        kept = [pool.kept_bytes for pool in pools]
+        transport.before = lambda index, job: index == 1  # worker 1 frees, then its answer is lost
+        assert engine.release_buffers(idle_for=0.0) == kept[0]
+        assert [pool.kept_bytes for pool in pools] == [0, 0]
+        assert backend.status[0].up and not backend.status[1].up
+        transport.before = None
+        engine.ingest(root / "checkpoint-30", 30)  # probed back up first
+        assert engine.steps == [10, 20, 30] and backend.status[1].up
+
+
 def test_files_no_commit_references_are_removed(run: tuple[Path, Path], tmp_path: Path) -> None:
     """A worker of an abandoned try that writes late can only add files under its own attempt
     token; the next commit (and every start) removes them."""
