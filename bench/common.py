@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -105,6 +106,66 @@ def cached_fraction(paths: Sequence[Path]) -> float | None:
             res += int(parts[0])
             size += int(parts[1])
     return res / size if size else None
+
+
+#: Above this share of RAM already cached at the start, the benchmark's own files compete with
+#: others' for the page cache (bench/README.md, "7 Dec, morning": with ~20 GB of earlier scratch
+#: files cached on a 23.5 GiB VM, a 0.5B state that fits the page cache was read back from the disk,
+#: 1.5-5.6 GB per ingest, and the steady ratios came out ~40 % worse than with the cache dropped).
+BUSY_PAGE_CACHE = 0.25
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (an empty dict where there is none)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            out[key] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    return out
+
+
+def drop_page_cache() -> None:
+    """Write back and drop the clean page cache, as ``sync; echo 3 > /proc/sys/vm/drop_caches``
+    (root only: a clear error otherwise)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except PermissionError as exc:
+        why = f"cannot write /proc/sys/vm/drop_caches ({exc.strerror})"
+        raise SystemExit(f"--drop-caches: {why}: run as root") from exc
+
+
+def page_cache_at_start(*, drop: bool = False) -> str:
+    """One sentence for a report: how much of RAM the page cache held when the benchmark started
+    (after dropping it, with ``drop``). Above :data:`BUSY_PAGE_CACHE` of RAM it also says why the
+    figures may be pessimistic, and warns on stderr, since such a run is not comparable with one
+    on a clean page cache."""
+    if drop:
+        drop_page_cache()
+    info = meminfo()
+    total, cached = info.get("MemTotal"), info.get("Cached")
+    if not total or cached is None:
+        return "page cache at start: unknown (no /proc/meminfo)"
+    cached -= info.get("Shmem", 0)  # tmpfs and shared memory: not files the benchmark competes with
+    text = f"page cache at start: {cached / 2**30:.1f} GiB of {total / 2**30:.1f} GiB RAM" + (
+        " (dropped first)" if drop else ""
+    )
+    if cached > BUSY_PAGE_CACHE * total:
+        warning = (
+            f"{text}, more than {BUSY_PAGE_CACHE:.0%} of RAM cached by other files: this benchmark's "
+            "files compete with them, so ingests may read back from the disk what would stay cached "
+            "on a clean page cache, and the figures are pessimistic by that much (drop the page cache "
+            "first: --drop-caches as root, or sync; echo 3 > /proc/sys/vm/drop_caches)"
+        )
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        return warning
+    return text
 
 
 def vm_hwm_bytes() -> int:

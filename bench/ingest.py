@@ -59,7 +59,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import GB, MB, cached_fraction, evict, markdown_table, plain_read
+from bench.common import GB, MB, cached_fraction, evict, markdown_table, page_cache_at_start, plain_read
 from bench.common import scratch_dir as scratch
 from bench.synthetic import QWEN25_05B, QWEN25_7B, QWEN25_15B, ModelShape, Trajectory, steps_irregular
 from relexd.engine.config import DEFAULT_RANK
@@ -510,11 +510,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--busy", action="store_true", help="also with one core kept busy, relexd at nice 10")
     p.add_argument("--no-spare", action="store_true", help="also without the spare sketch (most threads)")
     p.add_argument("--only-busy", action="store_true", help="only the configurations on a busy host")
+    p.add_argument("--drop-caches", action="store_true", help="drop the page cache first (root only)")
     args = p.parse_args(argv)
+    cache = page_cache_at_start(drop=args.drop_caches)
     configs = default_configs(args.threads, args.before, args.busy or args.only_busy, args.no_spare)
     if args.only_busy:
         configs = [c for c in configs if c.busy]
-    print(report([run(MODELS[args.model], args.rank, args.checkpoints, configs)]))
+    print(report([run(MODELS[args.model], args.rank, args.checkpoints, configs)]) + f"\n\n_{cache}_")
 
 
 if __name__ == "__main__":
