@@ -31,6 +31,10 @@ from relexd.state.store import Partition, Snapshot, Transaction
 
 #: How often the coordinator looks up from waiting (stop requests, liveness, the deadline).
 POLL_S = 0.5
+#: How long the coordinator waits for the workers to free their kept buffers
+#: (:meth:`PartitionedTensors.release_buffers`): milliseconds for a worker that is well, and short
+#: against any watchdog, since the daemon's work loop beats only between its rounds.
+RELEASE_WAIT_S = 10.0
 
 
 class Transport(Protocol):
@@ -162,15 +166,15 @@ class PartitionedTensors(TensorBackend):
         ingest. Not a part: it changes no worker's part time (the metric of the workers' speed).
         A worker that is down is skipped (its restart freed its memory); one lost now is marked
         down, to be probed before the next ingest, as after a lost part. One that fails, or does
-        not answer within ``restart_timeout_s`` (its next part waits behind the release), frees
-        nothing that counts."""
+        not answer within :data:`RELEASE_WAIT_S` (its next part waits behind the release; a hung
+        one is found then), frees nothing that counts."""
         if self._computed_at is None or time.monotonic() - self._computed_at < idle_for:
             return 0
         self._computed_at = None
         up = [w.index for w in self.status if w.up]
         pending = {self.transport.submit(i, ReleaseJob(i, idle_for)): i for i in up}
         freed = 0
-        deadline = time.monotonic() + self.restart_timeout_s
+        deadline = time.monotonic() + RELEASE_WAIT_S
         while pending and time.monotonic() < deadline:
             for handle in self.transport.wait(list(pending), POLL_S):
                 index = pending.pop(handle)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from relexd.cluster import coordinator
 from relexd.cluster.coordinator import PartitionedTensors
 from relexd.engine import Engine, EngineConfig
 from relexd.errors import CheckpointError, WorkerLost
@@ -136,7 +137,7 @@ def test_a_hung_worker_is_restarted_after_the_timeout_and_the_generation_abandon
 
 
 def test_idle_workers_free_the_buffers_they_keep_once_per_idle_spell(
-    run: tuple[Path, Path], tmp_path: Path
+    run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon's idle release (``Engine.release_buffers``) reaches the workers: each frees what
     its tasks kept for the next ingest, only once the workers were idle long enough, once per idle
@@ -177,6 +178,12 @@ def test_idle_workers_free_the_buffers_they_keep_once_per_idle_spell(
         transport.before = None
         engine.ingest(root / "checkpoint-30", 30)  # probed back up first
         assert engine.steps == [10, 20, 30] and backend.status[1].up
+
+        kept = [pool.kept_bytes for pool in pools]
+        monkeypatch.setattr(coordinator, "RELEASE_WAIT_S", 0.2)
+        transport.hung = {1}  # frees, never answers: not waited for, not taken for lost
+        assert engine.release_buffers(idle_for=0.0) == kept[0]
+        assert all(w.up for w in backend.status) and transport.restarted == []
 
 
 def test_files_no_commit_references_are_removed(run: tuple[Path, Path], tmp_path: Path) -> None:
