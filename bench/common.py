@@ -110,8 +110,9 @@ def cached_fraction(paths: Sequence[Path]) -> float | None:
 
 #: Above this share of RAM already cached at the start, the benchmark's own files compete with
 #: others' for the page cache (bench/README.md, "7 Dec, morning": with ~20 GB of earlier scratch
-#: files cached on a 23.5 GiB VM, a 0.5B state that fits the page cache was read back from the disk,
-#: 1.5-5.6 GB per ingest, and the steady ratios came out ~40 % worse than with the cache dropped).
+#: files cached on a 23.5 GiB VM, a 0.5B state that fits the page cache was partly read back from
+#: the disk, 1.5-5.6 GB at one checkpoint of each run, and the mean steady ratio came out ~40 % worse
+#: than with the cache dropped: 2.86× against 2.0×).
 BUSY_PAGE_CACHE = 0.25
 
 
@@ -132,13 +133,13 @@ def meminfo() -> dict[str, int]:
 
 def drop_page_cache() -> None:
     """Write back and drop the clean page cache, as ``sync; echo 3 > /proc/sys/vm/drop_caches``
-    (root only: a clear error otherwise)."""
+    (root only, and not in a container whose /proc is read-only: a clear error otherwise)."""
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3")
-    except PermissionError as exc:
+    except OSError as exc:
         why = f"cannot write /proc/sys/vm/drop_caches ({exc.strerror})"
-        raise SystemExit(f"--drop-caches: {why}: run as root") from exc
+        raise SystemExit(f"--drop-caches: {why}: run as root, outside a container") from exc
 
 
 def page_cache_at_start(*, drop: bool = False) -> str:
