@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from relexd.engine.page_cache import meminfo_bytes
+
 MB = 1e6
 GB = 1e9
 READ_BLOCK = 16 << 20
@@ -116,27 +118,13 @@ def cached_fraction(paths: Sequence[Path]) -> float | None:
 BUSY_PAGE_CACHE = 0.25
 
 
-def meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (an empty dict where there is none)."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for line in lines:
-        key, _, rest = line.partition(":")
-        fields = rest.split()
-        if fields and fields[0].isdigit():
-            out[key] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
-    return out
-
-
-def drop_page_cache() -> None:
+def drop_page_cache(what: int = 3) -> None:
     """Write back and drop the clean page cache, as ``sync; echo 3 > /proc/sys/vm/drop_caches``
-    (root only, and not in a container whose /proc is read-only: a clear error otherwise)."""
+    (``what`` 1: the page cache only, not dentries and inodes; root only, and not in a container
+    whose /proc is read-only: a clear error otherwise)."""
     os.sync()
     try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
+        Path("/proc/sys/vm/drop_caches").write_text(str(what))
     except OSError as exc:
         why = f"cannot write /proc/sys/vm/drop_caches ({exc.strerror})"
         raise SystemExit(f"--drop-caches: {why}: run as root, outside a container") from exc
@@ -149,7 +137,7 @@ def page_cache_at_start(*, drop: bool = False) -> str:
     on a clean page cache."""
     if drop:
         drop_page_cache()
-    info = meminfo()
+    info = meminfo_bytes()
     total, cached = info.get("MemTotal"), info.get("Cached")
     if not total or cached is None:
         return "page cache at start: unknown (no /proc/meminfo)"

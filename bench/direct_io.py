@@ -33,7 +33,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import GB, machine, markdown_table
+from bench.common import GB, drop_page_cache, machine, markdown_table
 from bench.common import scratch_dir as scratch
 
 CHUNK = 4 << 20  # the engine's chunk: 1 Mi float32 elements
@@ -63,8 +63,7 @@ def _fill_page_cache(filler: Path) -> None:
 
 def _free_memory() -> None:
     """Drop the clean page cache (root only) and give the kernel time to report it to a host."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("1")
+    drop_page_cache(1)
     time.sleep(5)
 
 

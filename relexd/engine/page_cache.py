@@ -39,15 +39,29 @@ from relexd.engine.cgroup import CGROUP, CGROUP_ROOT, interface_values
 MEMINFO = Path("/proc/meminfo")
 
 
+def meminfo_bytes(meminfo: Path = MEMINFO) -> dict[str, int]:
+    """``/proc/meminfo``'s fields in bytes ("MemAvailable:  123456 kB"); empty where there is
+    none (not Linux), without the lines that hold no number."""
+    try:
+        lines = meminfo.read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        value = rest.split()
+        if value and value[0].isdigit():
+            fields[key] = int(value[0]) * (1024 if value[1:] == ["kB"] else 1)
+    return fields
+
+
 def page_cache_room(
     meminfo: Path = MEMINFO, cgroup: Path = CGROUP, cgroup_root: Path = CGROUP_ROOT
 ) -> int | None:
     """Bytes the page cache could hold for relexd now, or None where the host does not say
     (not Linux): then nothing is dropped."""
-    try:
-        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
-        room = int(fields["MemAvailable"].split()[0]) * 1024  # "123456 kB"
-    except (OSError, KeyError, ValueError, IndexError):
+    room = meminfo_bytes(meminfo).get("MemAvailable")
+    if room is None:
         return None
     limits = [int(v) for v in interface_values("memory.max", cgroup, cgroup_root) if v.isdigit()]
     return min([room, *limits])
