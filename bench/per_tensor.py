@@ -10,12 +10,16 @@ state, and ingest the same fresh checkpoints in turn, at relexd's default worker
 ingests build the state and anchor checkpoints also write an anchor: both are left out of the
 medians.
 
-Run alone: ``python -m bench.per_tensor [--before REV] [--checkpoints 24] [--rank 2]``.
+``--model lora`` keeps the names but lets tensors grow to 80 K elements (81 920; LoRA adapters' sizes: rank
+16 on a 0.5B model's matrices gives 14-78 K), still mostly fixed cost.
+
+Run alone: ``python -m bench.per_tensor [--before REV] [--checkpoints 24] [--rank 2] [--model tiny]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 from bench.common import machine, markdown_table
@@ -27,15 +31,20 @@ from relexd.math.confidence import is_anchor_count
 
 #: Qwen2.5-0.5B's layer count and tensor names, every tensor at most 16 K elements
 TINY = ModelShape("qwen2.5-0.5b-tiny", 24, 64, 128, 2, 1, 32, 256)
+#: the same names, every tensor at most 80 K (81 920) elements
+LORA_SIZED = ModelShape("qwen2.5-0.5b-lora-sized", 24, 256, 320, 4, 1, 64, 256)
+MODELS = {"tiny": TINY, "lora": LORA_SIZED}
 WARM = 4  # ingests that build the state, left out
 
 
-def run(before: str, checkpoints: int, rank: int) -> str:
-    tensors = len(TINY.specs())
+def run(before: str, checkpoints: int, rank: int, model: str = "tiny") -> str:
+    shape = MODELS[model]
+    tensors = len(shape.specs())
+    largest = max(math.prod(dims) for dims in shape.specs().values())
     times: dict[str, list[float]] = {"before": [], "now": []}
     cpu: dict[str, list[float]] = {"before": [], "now": []}
     with scratch("per-tensor") as tmp, before_tree(before) as tree:
-        traj = Trajectory(TINY)
+        traj = Trajectory(shape)
         base = traj.write_base(tmp / "base")
         configs = {e: Config(e, default_workers()) for e in times}
         children = {e: EngineChild(c, tree, tmp / f"state-{e}", base, rank) for e, c in configs.items()}
@@ -68,10 +77,11 @@ def run(before: str, checkpoints: int, rank: int) -> str:
         ["engine", "ingests", "median ms", "median CPU ms", "ms per tensor", "speed-up vs before"], rows
     )
     return (
-        f"# The fixed cost per tensor: {tensors} tensors of at most 16 K elements, rank {rank}\n\n"
-        f"{machine()}\n\n`python -m bench.per_tensor --before {before} --checkpoints {checkpoints} "
-        f"--rank {rank}` (relexd's default workers, {default_workers()} threads here; steady ingests "
-        f"only; per tensor: the ingest's time over its {tensors} tensors)\n\n{table}\n"
+        f"# The fixed cost per tensor: {tensors} tensors of at most {largest / 1024:.0f} K elements, "
+        f"rank {rank}\n\n{machine()}\n\n`python -m bench.per_tensor --before {before} "
+        f"--checkpoints {checkpoints} --rank {rank} --model {model}` (relexd's default workers, "
+        f"{default_workers()} threads here; steady ingests only; per tensor: the ingest's time over "
+        f"its {tensors} tensors)\n\n{table}\n"
     )
 
 
@@ -80,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before", required=True, help="the earlier engine's git revision")
     p.add_argument("--checkpoints", type=int, default=24)
     p.add_argument("--rank", type=int, default=DEFAULT_RANK)
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny")
     a = p.parse_args(argv)
-    print(run(a.before, a.checkpoints, a.rank))
+    print(run(a.before, a.checkpoints, a.rank, a.model))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ CHUNK_ELEMS = 1 << 20
 #: ingest, ``python -m bench.per_tensor``), so up to one chunk the fixed part is most of a task.
 FILLER_ELEMS = CHUNK_ELEMS
 
+#: Fillers of at most this many elements run one at a time (the pool's ``serial`` tasks): nearly
+#: all of such a task holds the GIL, so two at once only pass it back and forth. Measured on models
+#: of only such tensors (Qwen2.5-0.5B's 290 tensor names shrunk to ≤16 K elements, and to ≤80 K:
+#: LoRA-adapter sizes), 2 workers: 1.3–1.55× faster and ~40 % less CPU one at a time; tensors of
+#: 0.26–0.46 M elements were no faster either way, so larger ones keep running beside each other.
+#: Neutral at 0.5B, where they run beside the large tensors anyway (bench/README.md, 7 Dec, night).
+SERIAL_ELEMS = 1 << 17
+
 #: Non-weight files copied from the newest checkpoint into previews (what a loader needs; never
 #: trainer internals such as optimizer or RNG state).
 #: Formats whose files are Hugging Face weight files (the preview can mirror their shards).
@@ -290,9 +298,11 @@ def run_tensors(
     costs = {n: work.task_bytes(n) for n in names}
     pool.buffers.limit = work.buffer_limit(in_flight or pool.workers, pool.memory_budget)
     fillers = {n for n in names if work.base.reader.info(n).numel <= FILLER_ELEMS}
+    serial = {n for n in fillers if work.base.reader.info(n).numel <= SERIAL_ELEMS}
     return pool.run(
-        costs, task, done, reverse_ties=work.observed % 2 == 1, in_flight=in_flight, fillers=fillers
-    )
+        costs, task, done, reverse_ties=work.observed % 2 == 1, in_flight=in_flight, fillers=fillers,
+        serial=serial,
+    )  # fmt: skip
 
 
 def ingest(

@@ -16,7 +16,12 @@ for its last 0.3 s; they start right after the largest task instead, and run whi
 without the GIL (:func:`fillers_first`). Not spread between the large tasks: a worker alternating
 between a large and a small tensor gives its large buffers back and faults them in again each
 time (0.47 s more system time per 0.5B rank-1 ingest:
-bench/results/full/page-cache-0.5b-r1-fillers-interleaved.md). Tasks of equal cost (a model's many
+bench/results/full/page-cache-0.5b-r1-fillers-interleaved.md). The caller's ``serial`` tasks
+(the smallest fillers, nearly all Python) run one at a time: two of them at once only pass the GIL
+back and forth (~120 futex calls per tensor), and a model of such tensors alone (a LoRA adapter, a
+model shrunk to its fixed costs) was ingested 1.3–1.5× faster on one worker than on two
+(``python -m bench.per_tensor``); beside a large task that runs without the GIL, one at a time loses
+nothing. Tasks of equal cost (a model's many
 same-shaped layers) start in the caller's order, or reversed (``reverse_ties``): the engine
 alternates the two from one checkpoint to the next, for the page cache's sake (see
 :func:`relexd.engine.ingest.run_tensors`). Results are
@@ -91,6 +96,7 @@ class TensorPool(Closeable):
         reverse_ties: bool = False,
         in_flight: int | None = None,
         fillers: Collection[str] = (),
+        serial: Collection[str] = (),
     ) -> dict[str, R]:
         """Run ``task(name, abort)`` for every name of ``costs`` (name → bytes it holds while
         running); returns name → result.
@@ -102,7 +108,8 @@ class TensorPool(Closeable):
         calling thread as each task completes. ``reverse_ties`` starts tasks of equal cost in
         reverse order (which error is raised does not change). ``in_flight`` runs at most that many
         tasks at once in this run (at most :attr:`workers` in any case). ``fillers`` start right
-        after the largest task rather than by their cost (:func:`fillers_first`).
+        after the largest task rather than by their cost (:func:`fillers_first`). A ``serial`` task
+        starts only while no other ``serial`` task runs (others start beside it).
         """
         index = {name: i for i, name in enumerate(costs)}
         tie = -1 if reverse_ties else 1
@@ -117,7 +124,8 @@ class TensorPool(Closeable):
             while waiting or running:
                 waiting = [n for n in waiting if index[n] < state.first_failure]
                 while waiting and len(running) < limit:
-                    name = self._next_fitting(waiting, costs, held, bool(running))
+                    skip = serial if any(n in serial for n in running.values()) else ()
+                    name = self._next_fitting(waiting, costs, held, bool(running), skip)
                     if name is None:
                         break
                     waiting.remove(name)
@@ -146,13 +154,14 @@ class TensorPool(Closeable):
         return results
 
     def _next_fitting(
-        self, waiting: list[str], costs: Mapping[str, int], held: int, busy: bool
+        self, waiting: list[str], costs: Mapping[str, int], held: int, busy: bool, skip: Collection[str] = ()
     ) -> str | None:
-        """The largest waiting task that fits the budget next to those running (any, when idle)."""
-        if self.memory_budget is None or not busy:
-            return waiting[0]
+        """The first waiting task not in ``skip`` that fits the budget next to those running (any,
+        when idle)."""
         for name in waiting:
-            if held + costs[name] <= self.memory_budget:
+            if name in skip:
+                continue
+            if self.memory_budget is None or not busy or held + costs[name] <= self.memory_budget:
                 return name
         return None
 

@@ -415,6 +415,8 @@ def test_the_default_computes_one_tensor_per_idle_core_where_the_state_fits_the_
     monkeypatch.setattr(engine_module, "OtherProcesses", lambda: _Others(others_busy))
     if not fits:
         monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
+    # this model's small tensors would run one at a time (SERIAL_ELEMS): count the workers alone
+    monkeypatch.setattr(ingest_module, "SERIAL_ELEMS", 0)
     _follow(root, base, tmp_path / "one", 1, EngineConfig())
     running, peak = [0], [0]
     lock = threading.Lock()
@@ -534,6 +536,45 @@ def test_fillers_start_right_after_the_largest_task() -> None:
     assert started == ["big", "n1", "n2", "n3", "n4", "n5", "m1", "m2", "m3"]
     assert fillers_first(["a", "b"], {"a", "b"}) == ["a", "b"]
     assert fillers_first(["a", "b", "x", "y"], {"x", "y"}) == ["a", "x", "y", "b"]
+
+
+def test_serial_tasks_run_one_at_a_time_and_others_beside_them() -> None:
+    """Two GIL-bound tasks at once only pass the GIL back and forth (relexd.engine.pool): the
+    ``serial`` ones never overlap each other, while a task that is not serial runs beside one. The
+    first serial task waits, after the large task has finished and freed its worker, for a second
+    serial task to start beside it: a pool that allowed that would start one within the wait."""
+    costs = {"big": 50, "s1": 1, "s2": 1, "s3": 1, "other": 2}
+    serial = {"s1", "s2", "s3"}
+    lock = threading.Lock()
+    active: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+    beside: list[str] = []
+    serial_started, big_done, second = threading.Event(), threading.Event(), threading.Event()
+
+    def task(name: str, _abort: Cutoff) -> None:
+        if name not in serial:
+            if name == "big":
+                assert serial_started.wait(10)  # a serial task runs beside this one
+                with lock:
+                    beside.extend(active)
+                big_done.set()
+            return
+        with lock:
+            if active:
+                overlaps.append((*active, name))
+                second.set()
+            active.append(name)
+        serial_started.set()
+        if name == "s1":
+            assert big_done.wait(10)
+            second.wait(0.5)
+        with lock:
+            active.remove(name)
+
+    with TensorPool(2) as pool:
+        pool.run(costs, task, fillers=serial, serial=serial)
+    assert beside == ["s1"]
+    assert overlaps == []
 
 
 def test_equal_tensors_are_computed_in_alternating_order_from_one_checkpoint_to_the_next(
