@@ -71,8 +71,9 @@ FILLER_ELEMS = CHUNK_ELEMS
 #: Fillers of at most this many elements run one at a time (the pool's ``serial`` tasks): nearly
 #: all of such a task holds the GIL, so two at once only pass it back and forth. Measured on models
 #: of only such tensors (Qwen2.5-0.5B's 290 tensor names shrunk to ≤16 K elements, and to ≤80 K:
-#: LoRA-adapter sizes), 2 workers: 1.3–1.55× faster and ~40 % less CPU one at a time; tensors of
-#: 0.26–0.46 M elements were no faster either way, so larger ones keep running beside each other.
+#: LoRA-adapter sizes): 1.6–2.1× faster per ingest with half the CPU or less (``python -m
+#: bench.per_tensor``); tensors of 0.26–0.46 M elements were no faster either way, so larger ones
+#: keep running beside each other.
 #: Neutral at 0.5B, where they run beside the large tensors anyway (bench/README.md, 7 Dec, night).
 SERIAL_ELEMS = 1 << 17
 

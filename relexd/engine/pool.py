@@ -19,8 +19,8 @@ time (0.47 s more system time per 0.5B rank-1 ingest:
 bench/results/full/page-cache-0.5b-r1-fillers-interleaved.md). The caller's ``serial`` tasks
 (the smallest fillers, nearly all Python) run one at a time: two of them at once only pass the GIL
 back and forth (~120 futex calls per tensor), and a model of such tensors alone (a LoRA adapter, a
-model shrunk to its fixed costs) was ingested 1.3–1.5× faster on one worker than on two
-(``python -m bench.per_tensor``); beside a large task that runs without the GIL, one at a time loses
+model shrunk to its fixed costs) was ingested 1.2–1.5× faster on one worker than on two
+(bench/README.md, 7 Dec, night); beside a large task that runs without the GIL, one at a time loses
 nothing. Tasks of equal cost (a model's many
 same-shaped layers) start in the caller's order, or reversed (``reverse_ties``): the engine
 alternates the two from one checkpoint to the next, for the page cache's sake (see
