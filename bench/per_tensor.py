@@ -11,7 +11,9 @@ ingests build the state and anchor checkpoints also write an anchor: both are le
 medians.
 
 ``--model lora`` keeps the names but lets tensors grow to 80 K elements (81 920; LoRA adapters' sizes: rank
-16 on a 0.5B model's matrices gives 14-78 K), still mostly fixed cost.
+16 on a 0.5B model's matrices gives 14-78 K), still mostly fixed cost. ``--model peft`` is such an
+adapter as peft itself saves it (:class:`bench.peft_adapters.PeftRun`): rank 16 on every linear layer of a
+Qwen2.5-0.5B-shaped model, 336 tensors, each checkpoint read by relexd's peft path.
 
 Run alone: ``python -m bench.per_tensor [--before REV] [--checkpoints 24] [--rank 2] [--model tiny]``.
 """
@@ -19,6 +21,7 @@ Run alone: ``python -m bench.per_tensor [--before REV] [--checkpoints 24] [--ran
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 
@@ -33,24 +36,32 @@ from relexd.math.confidence import is_anchor_count
 TINY = ModelShape("qwen2.5-0.5b-tiny", 24, 64, 128, 2, 1, 32, 256)
 #: the same names, every tensor at most 80 K (81 920) elements
 LORA_SIZED = ModelShape("qwen2.5-0.5b-lora-sized", 24, 256, 320, 4, 1, 64, 256)
-MODELS = {"tiny": TINY, "lora": LORA_SIZED}
+MODELS = {"tiny": TINY, "lora": LORA_SIZED, "peft": None}
 WARM = 4  # ingests that build the state, left out
 
 
 def run(before: str, checkpoints: int, rank: int, model: str = "tiny") -> str:
-    shape = MODELS[model]
-    tensors = len(shape.specs())
-    largest = max(math.prod(dims) for dims in shape.specs().values())
     times: dict[str, list[float]] = {"before": [], "now": []}
     cpu: dict[str, list[float]] = {"before": [], "now": []}
     with scratch("per-tensor") as tmp, before_tree(before) as tree:
-        traj = Trajectory(shape)
-        base = traj.write_base(tmp / "base")
+        shape = MODELS[model]
+        if shape is None:
+            from bench.peft_adapters import PeftRun  # needs the test extras (peft, transformers)
+
+            peft = PeftRun(tmp)
+            base, shapes = peft.base, peft.shapes()
+            write = functools.partial(peft.checkpoint, tmp / "ckpt")
+        else:
+            traj = Trajectory(shape)
+            base, shapes = traj.write_base(tmp / "base"), list(shape.specs().values())
+            write = functools.partial(traj.write_checkpoint, base, tmp / "ckpt")
+        tensors = len(shapes)
+        largest = max(math.prod(dims) for dims in shapes)
         configs = {e: Config(e, default_workers()) for e in times}
         children = {e: EngineChild(c, tree, tmp / f"state-{e}", base, rank) for e, c in configs.items()}
         try:
             for n in range(1, checkpoints + 1):
-                ckpt = traj.write_checkpoint(base, tmp / "ckpt", 10 * n)
+                ckpt = write(10 * n)
                 order = ("before", "now") if n % 2 else ("now", "before")  # alternate who goes first
                 for engine in order:
                     rec = children[engine].ingest(ckpt, 10 * n)
@@ -77,8 +88,9 @@ def run(before: str, checkpoints: int, rank: int, model: str = "tiny") -> str:
         ["engine", "ingests", "median ms", "median CPU ms", "ms per tensor", "speed-up vs before"], rows
     )
     return (
-        f"# The fixed cost per tensor: {tensors} tensors of at most {largest / 1024:.0f} K elements, "
-        f"rank {rank}\n\n{machine()}\n\n`python -m bench.per_tensor --before {before} "
+        f"# The fixed cost per tensor ({model}): {tensors} tensors of at most "
+        f"{largest / 1024:.0f} K elements, rank {rank}\n\n{machine()}\n\n"
+        f"`python -m bench.per_tensor --before {before} "
         f"--checkpoints {checkpoints} --rank {rank} --model {model}` (relexd's default workers, "
         f"{default_workers()} threads here; steady ingests only; per tensor: the ingest's time over "
         f"its {tensors} tensors)\n\n{table}\n"
