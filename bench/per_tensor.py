@@ -36,7 +36,8 @@ from relexd.math.confidence import is_anchor_count
 TINY = ModelShape("qwen2.5-0.5b-tiny", 24, 64, 128, 2, 1, 32, 256)
 #: the same names, every tensor at most 80 K (81 920) elements
 LORA_SIZED = ModelShape("qwen2.5-0.5b-lora-sized", 24, 256, 320, 4, 1, 64, 256)
-MODELS = {"tiny": TINY, "lora": LORA_SIZED, "peft": None}
+SHAPES = {"tiny": TINY, "lora": LORA_SIZED}
+MODELS = [*SHAPES, "peft"]  # peft: bench.peft_adapters
 WARM = 4  # ingests that build the state, left out
 
 
@@ -44,16 +45,15 @@ def run(before: str, checkpoints: int, rank: int, model: str = "tiny") -> str:
     times: dict[str, list[float]] = {"before": [], "now": []}
     cpu: dict[str, list[float]] = {"before": [], "now": []}
     with scratch("per-tensor") as tmp, before_tree(before) as tree:
-        shape = MODELS[model]
-        if shape is None:
+        if model == "peft":
             from bench.peft_adapters import PeftRun  # needs the test extras (peft, transformers)
 
             peft = PeftRun(tmp)
             base, shapes = peft.base, peft.shapes()
             write = functools.partial(peft.checkpoint, tmp / "ckpt")
         else:
-            traj = Trajectory(shape)
-            base, shapes = traj.write_base(tmp / "base"), list(shape.specs().values())
+            traj = Trajectory(SHAPES[model])
+            base, shapes = traj.write_base(tmp / "base"), list(SHAPES[model].specs().values())
             write = functools.partial(traj.write_checkpoint, base, tmp / "ckpt")
         tensors = len(shapes)
         largest = max(math.prod(dims) for dims in shapes)

@@ -298,8 +298,9 @@ def run_tensors(
 
     costs = {n: work.task_bytes(n) for n in names}
     pool.buffers.limit = work.buffer_limit(in_flight or pool.workers, pool.memory_budget)
-    fillers = {n for n in names if work.base.reader.info(n).numel <= FILLER_ELEMS}
-    serial = {n for n in fillers if work.base.reader.info(n).numel <= SERIAL_ELEMS}
+    numels = {n: work.base.reader.info(n).numel for n in names}
+    fillers = {n for n, k in numels.items() if k <= FILLER_ELEMS}
+    serial = {n for n, k in numels.items() if k <= SERIAL_ELEMS}
     return pool.run(
         costs, task, done, reverse_ties=work.observed % 2 == 1, in_flight=in_flight, fillers=fillers,
         serial=serial,
