@@ -563,18 +563,22 @@ class CheckpointPass:
         return limit if memory_budget is None else min(limit, max(memory_budget, largest))
 
     def keeps_columns(self, name: str) -> bool:
-        """Whether tensor ``name``'s task reads its old basis once, around the page cache, and
-        keeps it from pass 1 to pass 2 instead of reading it twice through the cache.
+        """Whether tensor ``name``'s task reads its old basis once, in pass 1, and keeps it for
+        pass 2 instead of reading it twice.
 
-        Where: the old sketch was written around the page cache (:attr:`read_direct`), so reading
-        it through the cache costs the kernel a page found and a copy per page read, for pages
-        read by pass 2 once more and then dropped. Only for tensors whose task, with the kept
-        basis (1 + width floats per element), holds no more than the largest tensor's task without
-        (1 float per element): the peak memory per worker stays what it was. At 1.5B that is every
-        tensor but the embedding (85 % of the sketch)."""
-        if not self.read_direct or self.old_sketch is None:
+        Where: the state outgrows the page cache (:attr:`drop_replaced`), so the old basis is read,
+        not mapped, and each read copies every byte out of the page cache, for pages that are
+        dropped right after. Where the old sketch was written around the page cache
+        (:attr:`read_direct`) it is read around it too, which costs the kernel neither a page found
+        nor a copy per page: 1.15× faster at 1.5B rank 2 (bench/README.md, 4 Dec, evening); where it
+        was written through it (1.5B rank 1 here), it is read through it once instead of twice
+        (bench/README.md, 7 Dec, late night). Only for tensors whose task, with the kept basis (1 +
+        width floats per element), holds no more than the largest tensor's task without (1 float
+        per element): the peak memory per worker stays what it was. At 1.5B that is every tensor
+        but the embedding (85 % of the sketch)."""
+        if not self.drop_replaced or self.old_sketch is None or not self._basis_fits(name):
             return False
-        return self._basis_fits(name) and self.old_sketch.direct_readable(name, self.config.width)
+        return not self.read_direct or self.old_sketch.direct_readable(name, self.config.width)
 
     def _basis_fits(self, name: str) -> bool:
         """Whether tensor ``name``'s task, holding its whole old basis besides its delta (1 + width
@@ -674,12 +678,12 @@ class CheckpointPass:
         rather than copied out of it (:attr:`maps_state`: a fifth of a cached ingest's CPU went to
         those copies) and unmapped after use. Where
         the state outgrows the page cache (:mod:`relexd.engine.page_cache`), each chunk of the old
-        basis leaves it once pass 2 has read it (:meth:`SketchFile.release`), and where even the
-        rest outgrows it the new columns are written around it (``O_DIRECT``:
-        :attr:`write_direct`) and the old basis of every tensor but the largest is read around it
-        too, once, and kept for pass 2 (:meth:`keeps_columns`), in ``kept`` (width × numel); where
-        it is mapped, the same tensors' old basis stays mapped from pass 1 to pass 2
-        (:meth:`holds_mapped`). ``x`` receives the delta (numel)."""
+        basis leaves it once read for the last time (:meth:`SketchFile.release`): the old basis of
+        every tensor but the largest is read once, by pass 1, and kept for pass 2
+        (:meth:`keeps_columns`), in ``kept`` (width × numel), and where even the rest outgrows the
+        page cache the new columns are written around it (``O_DIRECT``: :attr:`write_direct`) and
+        the kept bases are read around it too. Where it is mapped, the same tensors' old basis
+        stays mapped from pass 1 to pass 2 (:meth:`holds_mapped`). ``x`` receives the delta (numel)."""
         config = self.config
         width = config.width
         stored = self.ckpt.info(name)
@@ -690,7 +694,9 @@ class CheckpointPass:
         # a checkpoint whose reader caches assembled tensors is read whole, by one task at a time,
         # before the pass; any other is read chunk by chunk inside it
         fused = self.ckpt.concurrent_reads
-        self._prefetch(name, first, sketch=kept is None)
+        # the page cache cannot bring forward a basis read around it
+        prefetch_basis = kept is None or not self.read_direct
+        self._prefetch(name, first, sketch=prefetch_basis)
         if not fused:
             with self._read_lock:
                 read_delta(self.base, self.ckpt, name, stop, x, buf.scratch, buf.raw)
@@ -743,11 +749,13 @@ class CheckpointPass:
         dots = {a: [0.0, 0.0] for a in self.anchor_files}  # x·v_a, x·x_a
         for (i, j), nxt in with_next(chunks):
             stop()
-            self._prefetch(name, nxt, sketch=kept is None)
+            self._prefetch(name, nxt, sketch=prefetch_basis)
             if fused and not forms_delta:
                 read_delta_range(self.base, self.ckpt, name, i, j, x[i:j], buf.scratch, buf.raw)
             if kept is not None and self.old_sketch is not None:
-                self.old_sketch.columns(name, i, j, kept[:, i:j], direct=True)
+                self.old_sketch.columns(name, i, j, kept[:, i:j], direct=self.read_direct)
+                if not self.read_direct:
+                    self.old_sketch.release(name, i, j)  # read for the last time
             q = old_columns(i, j)
             if kernel:
                 delta_of = self._stored_pair(name, i, j, buf.raw) if forms_delta else None
