@@ -337,6 +337,32 @@ def ingest_child(
         return child.ingest(ckpt, step)
 
 
+def state_bytes(shape: ModelShape, rank: int, checkpoints: int) -> int:
+    """Disk space of one configuration's state after ``checkpoints`` ingests, about: the sketch and
+    its spare, and the bf16 anchors of its anchor checkpoints (two vectors each)."""
+    anchors = sum(is_anchor_count(n) for n in range(1, checkpoints + 1))
+    return 2 * 4 * rank * shape.params + anchors * 2 * 2 * shape.params
+
+
+def scratch_bytes(shape: ModelShape, rank: int, checkpoints: int, configs: int) -> int:
+    """Disk space a :func:`run` holds at its peak, about: the bf16 base and one checkpoint, a state
+    per configuration, and the write floor's file (one sketch)."""
+    return 2 * 2 * shape.params + configs * state_bytes(shape, rank, checkpoints) + 4 * rank * shape.params
+
+
+def check_scratch_space(needed: int) -> None:
+    """Stop before a run rather than minutes into it where the scratch file system lacks the room
+    (on 7 Dec a ``run_all --large`` with 51 GB free failed at its first 1.5B floor, 20 minutes in)."""
+    root = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise SystemExit(
+            f"this benchmark needs ~{needed / GB:.0f} GB of scratch space in {root}, which has "
+            f"{free / GB:.0f} GB free: delete stale {root}/relexd-bench-* directories, or set TMPDIR "
+            "to a larger file system"
+        )
+
+
 def run(
     shape: ModelShape,
     rank: int,
@@ -516,7 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     configs = default_configs(args.threads, args.before, args.busy or args.only_busy, args.no_spare)
     if args.only_busy:
         configs = [c for c in configs if c.busy]
-    print(report([run(MODELS[args.model], args.rank, args.checkpoints, configs)]) + f"\n\n_{cache}_")
+    shape = MODELS[args.model]
+    check_scratch_space(scratch_bytes(shape, args.rank, args.checkpoints, len(configs)))
+    print(report([run(shape, args.rank, args.checkpoints, configs)]) + f"\n\n_{cache}_")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ def run_ingest_and_preview(
     """The runs of :func:`ingest_plan`, one after another; the first one's final state is reused by
     the preview benchmark."""
     out: dict[str, str] = {}
+    first, *rest = ingest_plan(quick, large)
+    shape, rank, checkpoints, _ = first
+    kept = 2 * 2 * shape.params + ingest.state_bytes(shape, rank, checkpoints)  # the preview's base and state
+    plan = [first, *rest] if do_ingest else [first]
+    ingest.check_scratch_space(kept + max(ingest.scratch_bytes(s, k, n, len(c)) for s, k, n, c in plan))
     with scratch_dir("run-all") as tmp:
-        first, *rest = ingest_plan(quick, large)
         results = [ingest.run(*first, keep_state=tmp / "kept")]
         if do_preview:
             pv = preview_write.run(tmp / "kept" / "state", tmp / "kept" / "base", tmp)
