@@ -575,10 +575,13 @@ class CheckpointPass:
         (bench/README.md, 7 Dec, late night). Only for tensors whose task, with the kept basis (1 +
         width floats per element), holds no more than the largest tensor's task without (1 float
         per element): the peak memory per worker stays what it was. At 1.5B that is every tensor
-        but the embedding (85 % of the sketch)."""
-        if not self.drop_replaced or self.old_sketch is None or not self._basis_fits(name):
+        but the embedding (85 % of the sketch). Not for a sketch in the earlier row-major layout,
+        which is read whole per chunk and transposed, not into a kept buffer
+        (:meth:`SketchFile.columns`)."""
+        old = self.old_sketch
+        if not self.drop_replaced or old is None or not old.column_major or not self._basis_fits(name):
             return False
-        return not self.read_direct or self.old_sketch.direct_readable(name, self.config.width)
+        return not self.read_direct or old.direct_readable(name, self.config.width)
 
     def _basis_fits(self, name: str) -> bool:
         """Whether tensor ``name``'s task, holding its whole old basis besides its delta (1 + width

@@ -374,9 +374,23 @@ def test_the_error_of_the_earliest_tensor_is_reported_and_the_state_is_kept(
     assert [p.name for p in (state / "generations").iterdir()] == [read_snapshot(state).name]
 
 
-def test_a_state_with_the_earlier_row_major_sketch_continues(tmp_path: Path) -> None:
+@pytest.mark.parametrize("page_cache", ["real", "outgrown", "outgrown by the spare"])
+def test_a_state_with_the_earlier_row_major_sketch_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, page_cache: str
+) -> None:
     """States written before the column-major layout (numel × width, no metadata) are read as
-    such, and the next generation is written column-major with the same figures."""
+    such, and the next generation is written column-major with the same figures: also where the
+    state outgrows the page cache, with or without the spare sketch, where column-major bases are
+    read once and kept for pass 2 (:meth:`CheckpointPass.keeps_columns`) and row-major ones are
+    not (they are read whole, transposed)."""
+    from relexd.engine import ingest as ingest_module
+
+    if page_cache != "real":
+        monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
+    if page_cache == "outgrown by the spare":  # two sketches outgrow it, one fits
+        monkeypatch.setattr(
+            ingest_module.CheckpointPass, "_working_set", lambda self, numels, sketches=2: sketches
+        )
     root = tmp_path
     planted = Planted.make(SHAPES, seed=5, a=0.05, b=0.01, noise=1e-5)  # a well-defined direction
     base = write_hf_checkpoint(root / "base", planted.base)
