@@ -194,6 +194,20 @@ def test_the_fused_pass_1_commits_the_state_of_torchs_products(
         assert meta_k["per_tensor"][name]["last_coef"] == pytest.approx(rec["last_coef"], rel=1e-4, abs=1e-7)
 
 
+def _outgrow_page_cache(monkeypatch: pytest.MonkeyPatch, *, by_the_spare: bool = False) -> None:
+    """Make every ingest's state outgrow the page cache: the whole state even without the replaced
+    sketch (the new sketch is then written and the old one read around the page cache), or with
+    ``by_the_spare`` only the two sketches together (both through it, 1.5B rank 1 on this project's
+    VM)."""
+    from relexd.engine import ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
+    if by_the_spare:  # a working set of one per sketch: two outgrow a room of 1, one fits
+        monkeypatch.setattr(
+            ingest_module.CheckpointPass, "_working_set", lambda self, numels, sketches=2: sketches
+        )
+
+
 def _assert_one_pass_fewer(reference: Path, changed: Path, basis_bytes: int) -> None:
     """``changed`` committed the state of ``reference`` bit for bit, and counted ``basis_bytes``
     fewer bytes read per ingest after the first: one pass fewer over the old bases it kept or held
@@ -235,7 +249,7 @@ def test_reading_the_old_basis_around_the_page_cache_changes_nothing(
         return done
 
     monkeypatch.setattr(SafetensorsFile, "_pread_direct", counting)
-    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)  # nothing fits
+    _outgrow_page_cache(monkeypatch)
     _follow(root, base, tmp_path / "direct", 2, config)
     if not direct["reads"]:
         pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT reads (tmpfs?)")
@@ -261,11 +275,7 @@ def test_keeping_the_old_basis_read_through_the_page_cache_changes_nothing(
 
     root, base = run
     monkeypatch.setattr(ingest_module, "CHUNK_ELEMS", 1024)
-    # two sketches outgrow the page cache, one (with the rest) fits
-    monkeypatch.setattr(
-        ingest_module.CheckpointPass, "_working_set", lambda self, numels, sketches=2: sketches
-    )
-    monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
+    _outgrow_page_cache(monkeypatch, by_the_spare=True)
     config = EngineConfig(rank=rank)
     read: dict[str, int] = {}
     read_range = SafetensorsFile.read_range
@@ -383,14 +393,8 @@ def test_a_state_with_the_earlier_row_major_sketch_continues(
     state outgrows the page cache, with or without the spare sketch, where column-major bases are
     read once and kept for pass 2 (:meth:`CheckpointPass.keeps_columns`) and row-major ones are
     not (they are read whole, transposed)."""
-    from relexd.engine import ingest as ingest_module
-
     if page_cache != "real":
-        monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
-    if page_cache == "outgrown by the spare":  # two sketches outgrow it, one fits
-        monkeypatch.setattr(
-            ingest_module.CheckpointPass, "_working_set", lambda self, numels, sketches=2: sketches
-        )
+        _outgrow_page_cache(monkeypatch, by_the_spare=page_cache == "outgrown by the spare")
     root = tmp_path
     planted = Planted.make(SHAPES, seed=5, a=0.05, b=0.01, noise=1e-5)  # a well-defined direction
     base = write_hf_checkpoint(root / "base", planted.base)
@@ -481,7 +485,7 @@ def test_the_default_computes_one_tensor_per_idle_core_where_the_state_fits_the_
         monkeypatch.setattr(module, "available_cores", lambda: cores)
     monkeypatch.setattr(engine_module, "OtherProcesses", lambda: _Others(others_busy))
     if not fits:
-        monkeypatch.setattr(ingest_module, "page_cache_room", lambda: 1)
+        _outgrow_page_cache(monkeypatch)
     # this model's small tensors would run one at a time (SERIAL_ELEMS): count the workers alone
     monkeypatch.setattr(ingest_module, "SERIAL_ELEMS", 0)
     _follow(root, base, tmp_path / "one", 1, EngineConfig())
