@@ -337,17 +337,22 @@ def ingest_child(
         return child.ingest(ckpt, step)
 
 
+def model_bytes(shape: ModelShape) -> int:
+    """Disk space of one synthetic bf16 model: the base, a checkpoint or a preview."""
+    return 2 * shape.params
+
+
 def state_bytes(shape: ModelShape, rank: int, checkpoints: int) -> int:
     """Disk space of one configuration's state after ``checkpoints`` ingests, about: the sketch and
     its spare, and the bf16 anchors of its anchor checkpoints (two vectors each)."""
     anchors = sum(is_anchor_count(n) for n in range(1, checkpoints + 1))
-    return 2 * 4 * rank * shape.params + anchors * 2 * 2 * shape.params
+    return 2 * 4 * rank * shape.params + anchors * 2 * model_bytes(shape)
 
 
 def scratch_bytes(shape: ModelShape, rank: int, checkpoints: int, configs: int) -> int:
     """Disk space a :func:`run` holds at its peak, about: the bf16 base and one checkpoint, a state
     per configuration, and the write floor's file (one sketch)."""
-    return 2 * 2 * shape.params + configs * state_bytes(shape, rank, checkpoints) + 4 * rank * shape.params
+    return 2 * model_bytes(shape) + configs * state_bytes(shape, rank, checkpoints) + 4 * rank * shape.params
 
 
 def check_scratch_space(needed: int) -> None:

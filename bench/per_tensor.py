@@ -52,8 +52,9 @@ def run(before: str, checkpoints: int, rank: int, model: str = "tiny") -> str:
             base, shapes = peft.base, peft.shapes()
             write = functools.partial(peft.checkpoint, tmp / "ckpt")
         else:
-            traj = Trajectory(SHAPES[model])
-            base, shapes = traj.write_base(tmp / "base"), list(SHAPES[model].specs().values())
+            shape = SHAPES[model]
+            traj = Trajectory(shape)
+            base, shapes = traj.write_base(tmp / "base"), list(shape.specs().values())
             write = functools.partial(traj.write_checkpoint, base, tmp / "ckpt")
         tensors = len(shapes)
         largest = max(math.prod(dims) for dims in shapes)
